@@ -1,0 +1,44 @@
+// The pybind11 module qalora_ext._C. Importing it loads the op registrations
+// (TORCH_LIBRARY in ops.cpp, plus ops_cuda.cu in CUDA builds); the functions
+// here are build information and CPU-dispatch controls, not tensor ops.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/kernels.h"
+#include "ops_common.h"
+
+#ifndef QALORA_VERSION
+#define QALORA_VERSION "0+unknown"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "qalora_ext compiled core: op registrations and build information";
+  m.attr("__version__") = QALORA_VERSION;
+  m.attr("LAYOUT_CANONICAL") = qalora::kLayoutCanonical;
+  m.attr("SMALL_M_THRESHOLD") = qalora::kSmallMThreshold;
+#if defined(QALORA_WITH_CUDA)
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def("compiled_cpu_isas", []() { return std::string(qalora::cpu::compiled_isas()); },
+        "Comma-separated instruction sets the CPU kernels were compiled for.");
+  m.def("best_cpu_isa", []() { return std::string(qalora::cpu::best_isa()); },
+        "The best instruction set this CPU supports among the compiled ones.");
+  m.def("get_cpu_isa", []() { return std::string(qalora::cpu::active_isa()); },
+        "The instruction set whose CPU kernels run now.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) {
+        if (!qalora::cpu::set_isa(name.c_str())) {
+          throw py::value_error("CPU ISA '" + name + "' is not available (compiled: " +
+                                qalora::cpu::compiled_isas() + "; this CPU's best: " + qalora::cpu::best_isa() +
+                                ")");
+        }
+      },
+      py::arg("name"), "Force the CPU kernels of one instruction set ('scalar', 'avx2', 'avx512', 'neon', 'auto').");
+}

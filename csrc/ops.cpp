@@ -1,0 +1,307 @@
+// The qalora op schemas (one namespace, defined once) and their CPU
+// implementations: input checks, dtype handling, threading, and the choice
+// between the small-M packed kernels and the large-M dequantize + GEMM path.
+// The kernels themselves (cpu/) see raw pointers only.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+#include "cpu/kernels.h"
+#include "ops_common.h"
+
+namespace qalora {
+namespace {
+
+using cpu::PackedView;
+
+StoreType store_type_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return StoreType::kFloat32;
+    case at::kHalf: return StoreType::kFloat16;
+    case at::kBFloat16: return StoreType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, what, " must be float32, float16 or bfloat16; got ", t.scalar_type());
+  }
+  return StoreType::kFloat32;
+}
+
+PackedView view_of(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                   int64_t group_size) {
+  PackedView v;
+  v.packed = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+  v.stride_words = packed.size(1);
+  v.scale = scale.data_ptr();
+  v.scale_type = store_type_of(scale, "scale");
+  v.zero = zero.data_ptr();
+  v.zero_type = store_type_of(zero, "zero");
+  v.N = packed.size(0);
+  v.K = scale.size(1) * group_size;
+  v.bits = static_cast<int>(bits);
+  v.group_size = static_cast<int>(group_size);
+  return v;
+}
+
+// Rows of W dequantized per block in the large-M path: a block of float
+// weights stays a few MB so it is reused from cache by the GEMM.
+int64_t dequant_block_rows(int64_t K) {
+  const int64_t rows = (int64_t{4} << 20) / (4 * K);  // ~4 MB of float32
+  return std::max<int64_t>(64, std::min<int64_t>(1024, rows / 16 * 16));
+}
+
+// Parallel dequantize of rows [n0, n1) into out (n1 - n0, K).
+void dequantize_block(const PackedView& w, float* out, int64_t n0, int64_t n1) {
+  const auto& k = cpu::active_kernels();
+  at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) { k.dequantize_rows(w, out + (a - n0) * w.K, a, b); });
+}
+
+at::Tensor group_sums(const at::Tensor& x2d, int64_t group_size) {
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  auto xsum = at::empty({M, K / group_size}, x2d.options().dtype(at::kFloat));
+  const float* xp = x2d.data_ptr<float>();
+  float* sp = xsum.data_ptr<float>();
+  const auto& k = cpu::active_kernels();
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)),
+                   [&](int64_t a, int64_t b) { k.group_sums(xp, K, group_size, sp, a, b); });
+  return xsum;
+}
+
+// ---------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn_cpu(const at::Tensor& weight, int64_t bits,
+                                                                int64_t group_size, at::ScalarType scale_dtype,
+                                                                at::ScalarType zero_dtype) {
+  check_bits(bits);
+  check_group_size(group_size);
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features); got shape ", weight.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "weight must be a floating tensor; got ",
+                   weight.scalar_type());
+  check_in_features(weight.size(1), group_size, "weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  auto w = weight.to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(at::isfinite(w).all().item<bool>(),
+                    "weight has NaN or infinite values; quantization needs finite weights");
+  auto scale = at::empty({N, K / group_size}, w.options().dtype(scale_dtype));
+  auto zero = at::empty({N, K / group_size}, w.options().dtype(zero_dtype));
+  const int64_t stride = row_stride_words(K, static_cast<int>(bits));
+  auto packed = at::empty({N, stride}, w.options().dtype(at::kInt));
+  const StoreType st = store_type_of(scale, "scale_dtype"), zt = store_type_of(zero, "zero_dtype");
+  const float* wp = w.data_ptr<float>();
+  uint32_t* pp = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  void* sp = scale.data_ptr();
+  void* zp = zero.data_ptr();
+  at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) {
+    cpu::quantize_rtn_rows(wp, K, static_cast<int>(bits), static_cast<int>(group_size), sp, st, zp, zt, pp, stride,
+                           a, b);
+  });
+  TORCH_CHECK_VALUE(at::isfinite(scale).all().item<bool>(), "a group's scale (max - min) / ", (1 << bits) - 1,
+                    " overflows ", scale_dtype, "; store scales as float32 (scale_dtype=torch.float32)");
+  return {packed, scale, zero};
+}
+
+at::Tensor pack_cpu(const at::Tensor& codes, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D (out_features, in_features); got shape ", codes.sizes());
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "codes must be uint8; got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.size(1) % cpu_chunk() == 0, "codes: in_features must be a multiple of 32; got ",
+                    codes.size(1));
+  auto c = codes.contiguous();
+  if (c.numel() > 0) {
+    const int64_t mx = c.max().item<int64_t>();
+    TORCH_CHECK_VALUE(mx < (int64_t{1} << bits), "codes must be in [0, ", (1 << bits) - 1, "] for bits=", bits,
+                      "; found ", mx);
+  }
+  const int64_t N = c.size(0), K = c.size(1);
+  const int64_t stride = row_stride_words(K, static_cast<int>(bits));
+  auto packed = at::empty({N, stride}, c.options().dtype(at::kInt));
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  uint32_t* pp = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  at::parallel_for(0, N, 64,
+                   [&](int64_t a, int64_t b) { cpu::pack_rows(cp, K, static_cast<int>(bits), pp, stride, a, b); });
+  return packed;
+}
+
+at::Tensor unpack_cpu(const at::Tensor& packed, int64_t bits, int64_t in_features, int64_t layout) {
+  check_layout(layout);
+  check_bits(bits);
+  TORCH_CHECK_VALUE(in_features > 0 && in_features % cpu_chunk() == 0,
+                    "in_features must be a positive multiple of 32; got ", in_features);
+  check_packed(packed, bits, in_features);
+  auto p = packed.contiguous();
+  const int64_t N = p.size(0);
+  auto codes = at::empty({N, in_features}, p.options().dtype(at::kByte));
+  const uint32_t* pp = reinterpret_cast<const uint32_t*>(p.data_ptr<int32_t>());
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t a, int64_t b) {
+    cpu::unpack_rows(pp, p.size(1), in_features, static_cast<int>(bits), cp, a, b);
+  });
+  return codes;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                          int64_t group_size, int64_t layout) {
+  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  auto p = packed.contiguous();
+  auto s = scale.contiguous();
+  auto z = zero.contiguous();
+  const PackedView w = view_of(p, s, z, bits, group_size);
+  auto out = at::empty({w.N, w.K}, p.options().dtype(at::kFloat));
+  dequantize_block(w, out.data_ptr<float>(), 0, w.N);
+  return out;
+}
+
+// x (..., K) -> y (..., N) = x W~^T + bias + scaling * (pool'(x) A^T) B^T
+at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& zero, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                       const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits, int64_t group_size,
+                       int64_t layout) {
+  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
+  check_activation(x, K, "x");
+  check_same_device(x, {&packed, &scale, &zero}, "qlinear");
+  const bool adapter = check_adapter(lora_A, lora_B, N, L, x);
+  check_bias(bias, N, x);
+  check_pool_mask(pool_mask, x, L);
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = x.numel() / K;
+  if (M == 0) return at::zeros(out_shape, x.options());
+
+  auto x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
+  auto p = packed.contiguous();
+  auto s = scale.contiguous();
+  auto z = zero.contiguous();
+  const PackedView w = view_of(p, s, z, bits, group_size);
+  auto xsum = group_sums(x2, group_size);
+
+  at::Tensor u, B, b;
+  if (adapter) {
+    // u = scaling * (mask * mean over groups) @ A^T, (M, r): small.
+    auto pooled = xsum / static_cast<double>(group_size);
+    if (pool_mask) pooled = pooled * pool_mask->reshape({M, L}).to(at::kFloat);
+    u = (at::mm(pooled, lora_A->to(at::kFloat).t()) * scaling).contiguous();
+    B = lora_B->to(at::kFloat).contiguous();
+  }
+  if (bias) b = bias->to(at::kFloat).contiguous();
+
+  at::Tensor y;
+  if (M < kSmallMThreshold) {
+    y = at::empty({M, N}, x2.options());
+    const float* xp = x2.data_ptr<float>();
+    const float* sp = xsum.data_ptr<float>();
+    const float* bp = bias ? b.data_ptr<float>() : nullptr;
+    const float* up = adapter ? u.data_ptr<float>() : nullptr;
+    const float* Bp = adapter ? B.data_ptr<float>() : nullptr;
+    const int64_t rank = adapter ? u.size(1) : 0;
+    float* yp = y.data_ptr<float>();
+    const auto& k = cpu::active_kernels();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      k.forward_rows(w, xp, M, sp, bp, up, Bp, rank, yp, n0, n1);
+    });
+  } else {
+    // Large M: the GEMM's arithmetic dominates; dequantize a block of rows at
+    // a time into a reused float buffer and let BLAS do x @ W_blk^T.
+    y = at::empty({M, N}, x2.options());
+    const int64_t rows = dequant_block_rows(K);
+    auto wbuf = at::empty({std::min(rows, N), K}, x2.options());
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t n1 = std::min(N, n0 + rows);
+      auto wb = wbuf.narrow(0, 0, n1 - n0);
+      dequantize_block(w, wb.data_ptr<float>(), n0, n1);
+      auto yb = y.narrow(1, n0, n1 - n0);
+      if (bias) {
+        at::addmm_out(yb, b.narrow(0, n0, n1 - n0), x2, wb.t());
+      } else {
+        at::mm_out(yb, x2, wb.t());
+      }
+    }
+    if (adapter) y.addmm_(u, B.t());
+  }
+  return y.reshape(out_shape).to(x.scalar_type());
+}
+
+// grad_x (..., K) = grad_out W~ + scaling/G * unpool(mask * ((grad_out B) A))
+at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& scale,
+                                  const at::Tensor& zero, const std::optional<at::Tensor>& lora_A,
+                                  const std::optional<at::Tensor>& lora_B,
+                                  const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits,
+                                  int64_t group_size, int64_t layout) {
+  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
+  check_activation(grad_out, N, "grad_out");
+  check_same_device(grad_out, {&packed, &scale, &zero}, "qlinear_grad_input");
+  const bool adapter = check_adapter(lora_A, lora_B, N, L, grad_out);
+  std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
+  out_shape.back() = K;
+  check_pool_mask(pool_mask, grad_out, L);
+  const int64_t M = grad_out.numel() / N;
+  if (M == 0) return at::zeros(out_shape, grad_out.options());
+
+  auto gy = grad_out.reshape({M, N}).to(at::kFloat).contiguous();
+  auto p = packed.contiguous();
+  auto s = scale.contiguous();
+  auto z = zero.contiguous();
+  const PackedView w = view_of(p, s, z, bits, group_size);
+
+  at::Tensor group_add;  // (M, L): the adapter's gradient, one value per group
+  if (adapter) {
+    group_add = at::mm(at::mm(gy, lora_B->to(at::kFloat)), lora_A->to(at::kFloat)) *
+                (scaling / static_cast<double>(group_size));
+    if (pool_mask) group_add = group_add * pool_mask->reshape({M, L}).to(at::kFloat);
+    group_add = group_add.contiguous();
+  }
+
+  at::Tensor gx;
+  if (M < kSmallMThreshold) {
+    gx = at::empty({M, K}, gy.options());
+    auto gyT = gy.t().contiguous();
+    const float* gp = gyT.data_ptr<float>();
+    const float* ap = adapter ? group_add.data_ptr<float>() : nullptr;
+    float* xp = gx.data_ptr<float>();
+    const auto& k = cpu::active_kernels();
+    // Each task owns whole groups (disjoint columns of gx): no reduction
+    // across threads, so the result does not depend on the thread count.
+    const int64_t grain = std::max<int64_t>(1, 256 / group_size);
+    at::parallel_for(0, L, grain, [&](int64_t g0, int64_t g1) { k.grad_input_groups(w, gp, M, ap, xp, g0, g1); });
+  } else {
+    gx = adapter ? group_add.repeat_interleave(group_size, 1) : at::zeros({M, K}, gy.options());
+    const int64_t rows = dequant_block_rows(K);
+    auto wbuf = at::empty({std::min(rows, N), K}, gy.options());
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t n1 = std::min(N, n0 + rows);
+      auto wb = wbuf.narrow(0, 0, n1 - n0);
+      dequantize_block(w, wb.data_ptr<float>(), n0, n1);
+      gx.addmm_(gy.narrow(1, n0, n1 - n0), wb);
+    }
+  }
+  return gx.reshape(out_shape).to(grad_out.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qalora, m) {
+  m.def("quantize_rtn(Tensor weight, int bits, int group_size, ScalarType scale_dtype, ScalarType zero_dtype)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("pack(Tensor codes, int bits) -> Tensor");
+  m.def("unpack(Tensor packed, int bits, int in_features, int layout) -> Tensor");
+  m.def("dequantize(Tensor packed, Tensor scale, Tensor zero, int bits, int group_size, int layout) -> Tensor");
+  m.def("qlinear(Tensor x, Tensor packed, Tensor scale, Tensor zero, Tensor? bias, Tensor? lora_A, "
+        "Tensor? lora_B, Tensor? pool_mask, float scaling, int bits, int group_size, int layout) -> Tensor");
+  m.def("qlinear_grad_input(Tensor grad_out, Tensor packed, Tensor scale, Tensor zero, Tensor? lora_A, "
+        "Tensor? lora_B, Tensor? pool_mask, float scaling, int bits, int group_size, int layout) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qalora, CPU, m) {
+  m.impl("quantize_rtn", &quantize_rtn_cpu);
+  m.impl("pack", &pack_cpu);
+  m.impl("unpack", &unpack_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("qlinear", &qlinear_cpu);
+  m.impl("qlinear_grad_input", &qlinear_grad_input_cpu);
+}
+
+}  // namespace qalora

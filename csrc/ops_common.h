@@ -1,0 +1,130 @@
+// Input checks shared by the CPU and CUDA bindings. Every message names the
+// argument, what was expected and what was given; they raise ValueError /
+// TypeError in Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE).
+#pragma once
+
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <optional>
+
+#include "qalora/format.h"
+
+namespace qalora {
+
+// Below this many rows of activations the packed small-M kernels run; at or
+// above it, blocks of W are dequantized and BLAS does the GEMM (measured in
+// bench/bench_cpu.py). Must not exceed cpu::kMaxSmallM.
+constexpr int64_t kSmallMThreshold = 16;
+
+inline int64_t cpu_chunk() { return kChunk; }
+
+inline void check_layout(int64_t layout) {
+  TORCH_CHECK_VALUE(layout == kLayoutCanonical, "packed layout id ", layout,
+                    " is not known to this build (known: 1 = canonical row bitstream v1)");
+}
+
+inline void check_bits(int64_t bits) {
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 4, "bits must be 2, 3 or 4; got ", bits);
+}
+
+inline void check_group_size(int64_t group_size) {
+  TORCH_CHECK_VALUE(group_size == 32 || group_size == 64 || group_size == 128,
+                    "group_size must be 32, 64 or 128; got ", group_size);
+}
+
+inline void check_in_features(int64_t K, int64_t group_size, const char* what) {
+  TORCH_CHECK_VALUE(K > 0 && K % group_size == 0, what, ": in_features (", K,
+                    ") must be a positive multiple of group_size (", group_size, ")");
+}
+
+inline void check_packed(const at::Tensor& packed, int64_t bits, int64_t K) {
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kInt, "packed must be int32; got ", packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 2, "packed must be 2-D (out_features, words); got shape ", packed.sizes());
+  const int64_t want = row_stride_words(K, static_cast<int>(bits));
+  TORCH_CHECK_VALUE(packed.size(1) == want, "packed has ", packed.size(1), " words per row; in_features=", K,
+                    " at bits=", bits, " needs ", want, " (layout 1)");
+}
+
+inline void check_quant_weight(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
+                               int64_t bits, int64_t group_size, int64_t layout) {
+  check_layout(layout);
+  check_bits(bits);
+  check_group_size(group_size);
+  TORCH_CHECK_VALUE(scale.dim() == 2, "scale must be 2-D (out_features, groups); got shape ", scale.sizes());
+  TORCH_CHECK_VALUE(zero.sizes() == scale.sizes(), "zero has shape ", zero.sizes(), " but scale has ",
+                    scale.sizes(), "; both must be (out_features, in_features / group_size)");
+  TORCH_CHECK_VALUE(scale.size(1) > 0, "scale must have at least one group; got shape ", scale.sizes());
+  for (const at::Tensor* t : {&scale, &zero}) {
+    const auto st = t->scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, t == &scale ? "scale" : "zero",
+                     " must be float32, float16 or bfloat16; got ", st);
+  }
+  check_packed(packed, bits, scale.size(1) * group_size);
+  TORCH_CHECK_VALUE(packed.size(0) == scale.size(0), "packed has ", packed.size(0), " rows but scale has ",
+                    scale.size(0), " (out_features must agree)");
+  TORCH_CHECK_VALUE(packed.device() == scale.device() && packed.device() == zero.device(),
+                    "packed, scale and zero must be on one device; got ", packed.device(), ", ", scale.device(),
+                    ", ", zero.device());
+}
+
+inline void check_activation(const at::Tensor& x, int64_t features, const char* what) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == features, what, " must have last dimension ", features,
+                    "; got shape ", x.sizes());
+  const auto st = x.scalar_type();
+  if (x.is_cpu()) {
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16, what, " must be float32 or bfloat16 on CPU; got ",
+                     st);
+  } else {
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, what,
+                     " must be float16, bfloat16 or float32; got ", st);
+  }
+}
+
+inline void check_same_device(const at::Tensor& x, std::initializer_list<const at::Tensor*> others,
+                              const char* op) {
+  for (const at::Tensor* t : others) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": all tensors must be on one device; the input is on ",
+                      x.device(), " but the weight is on ", t->device());
+  }
+}
+
+// Returns whether an adapter is present; checks its shapes.
+inline bool check_adapter(const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B, int64_t N,
+                          int64_t L, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(A.has_value() == B.has_value(), "lora_A and lora_B must be given together");
+  if (!A) return false;
+  TORCH_CHECK_VALUE(A->dim() == 2 && A->size(1) == L && A->size(0) >= 1, "lora_A must be (rank, in_features / "
+                    "group_size) = (r, ", L, "); got shape ", A->sizes());
+  TORCH_CHECK_VALUE(B->dim() == 2 && B->size(0) == N && B->size(1) == A->size(0),
+                    "lora_B must be (out_features, rank) = (", N, ", ", A->size(0), "); got shape ", B->sizes());
+  for (const at::Tensor* t : {&*A, &*B}) {
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), t == &*A ? "lora_A" : "lora_B",
+                     " must be floating point; got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), "lora_A/lora_B are on ", t->device(), " but the input is on ",
+                      x.device());
+  }
+  return true;
+}
+
+inline void check_bias(const std::optional<at::Tensor>& bias, int64_t N, const at::Tensor& x) {
+  if (!bias) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be (out_features,) = (", N,
+                    ",); got shape ", bias->sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()), "bias must be floating point; got ",
+                   bias->scalar_type());
+  TORCH_CHECK_VALUE(bias->device() == x.device(), "bias is on ", bias->device(), " but the input is on ",
+                    x.device());
+}
+
+inline void check_pool_mask(const std::optional<at::Tensor>& mask, const at::Tensor& x, int64_t L) {
+  if (!mask) return;
+  std::vector<int64_t> want(x.sizes().begin(), x.sizes().end());
+  want.back() = L;
+  TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(want), "pool_mask must have shape ", at::IntArrayRef(want),
+                    " (the input's leading dims, then groups); got ", mask->sizes());
+  TORCH_CHECK_VALUE(mask->device() == x.device(), "pool_mask is on ", mask->device(), " but the input is on ",
+                    x.device());
+}
+
+}  // namespace qalora

@@ -1,0 +1,50 @@
+"""qalora_ext: QA-LoRA on packed INT2/3/4 weights.
+
+Quantize linear layers to 2, 3 or 4 bits with float scales and zeros, train a
+small adapter on group-pooled inputs, then fold the adapter into the zeros so
+the fine-tuned model stays INT2/3/4. The numeric contract is SPEC.md.
+"""
+
+from __future__ import annotations
+
+from . import _C, ops, reference  # noqa: F401  (_C registers the torch ops)
+from .checkpoint import load_adapter, load_quantized, save_adapter, save_quantized
+from .format import LAYOUT_CANONICAL
+from .model import add_adapters, merge_adapters, quantize_model
+from .nn import QALoRALinear, QuantLinear
+
+__version__ = _C.__version__
+
+__all__ = [
+    "QuantLinear",
+    "QALoRALinear",
+    "quantize_model",
+    "add_adapters",
+    "merge_adapters",
+    "save_quantized",
+    "load_quantized",
+    "save_adapter",
+    "load_adapter",
+    "build_info",
+    "set_cpu_isa",
+    "LAYOUT_CANONICAL",
+]
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force the CPU kernels of one instruction set: 'scalar', 'avx2', 'avx512', 'neon' or 'auto'."""
+    _C.set_cpu_isa(name)
+
+
+def build_info() -> dict:
+    """What this build contains and what runs on this machine."""
+    import torch
+
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cuda_kernels": bool(_C.WITH_CUDA),
+        "cpu_isas_compiled": _C.compiled_cpu_isas(),
+        "cpu_isa_active": _C.get_cpu_isa(),
+        "packed_layout": LAYOUT_CANONICAL,
+    }

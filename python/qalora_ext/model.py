@@ -1,0 +1,156 @@
+"""Model surgery: quantize every linear layer, add adapters, merge them.
+
+All three walk ``model.named_modules()`` and replace children in place;
+they return the model for chaining.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .format import check_bits, check_group_size
+from .nn import QALoRALinear, QuantLinear
+
+__all__ = ["quantize_model", "add_adapters", "merge_adapters", "find_output_heads"]
+
+TargetModules = Optional[Union[str, Iterable[str]]]
+
+
+def _matches(name: str, target_modules: TargetModules) -> bool:
+    """PEFT's convention: a string is a regex matched against the full name;
+    a list matches names equal to an entry or ending in '.' + entry."""
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def find_output_heads(model: nn.Module) -> set[str]:
+    """Names of linear layers that are output heads or tied to an embedding."""
+    heads: set[str] = set()
+    out_emb = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out_emb = get_out()
+        except (NotImplementedError, AttributeError):
+            out_emb = None
+    emb_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if m is out_emb or name.split(".")[-1] in ("lm_head", "output", "embed_out") or id(m.weight) in emb_weights:
+            heads.add(name)
+    return heads
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int = 32,
+    method: str = "rtn",
+    scale_dtype: torch.dtype = torch.float16,
+    zero_dtype: torch.dtype = torch.float32,
+    target_modules: TargetModules = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Replace ``nn.Linear`` layers by packed ``QuantLinear`` layers, in place.
+
+    ``target_modules=None``: every ``nn.Linear`` except output heads and layers
+    tied to embeddings. Layers whose in_features is not a multiple of
+    ``group_size`` are left as they are, listed in one warning.
+    """
+    check_bits(bits)
+    check_group_size(group_size)
+    if method == "gptq":
+        raise NotImplementedError("method='gptq' is not available in this version; use method='rtn'")
+    if method != "rtn":
+        raise ValueError(f"method must be 'rtn' or 'gptq'; got {method!r}")
+    heads = find_output_heads(model) if target_modules is None else set()
+    todo, skipped = [], []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear or name in heads or not _matches(name, target_modules):
+            continue
+        if m.in_features % group_size:
+            skipped.append(f"{name} (in_features={m.in_features})")
+        else:
+            todo.append(name)
+    if target_modules is not None and not todo and not skipped:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer")
+    if skipped:
+        warnings.warn(
+            f"quantize_model: {len(skipped)} layer(s) left unquantized because in_features is not a multiple of "
+            f"group_size={group_size}: " + ", ".join(skipped),
+            stacklevel=2,
+        )
+    from tqdm.auto import tqdm
+
+    for name in tqdm(todo, desc=f"quantize INT{bits} G{group_size}", disable=not progress or None, leave=False):
+        layer = model.get_submodule(name)
+        _set_child(model, name, QuantLinear.from_linear(layer, bits, group_size, scale_dtype, zero_dtype))
+    return model
+
+
+def add_adapters(
+    model: nn.Module,
+    rank: int = 16,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    target_modules: TargetModules = None,
+) -> nn.Module:
+    """Wrap quantized layers in ``QALoRALinear`` adapters, in place.
+
+    ``target_modules=None``: every ``QuantLinear``. Everything else in the
+    model is frozen (``requires_grad=False``), so the adapters are its only
+    trainable parameters.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and _matches(n, target_modules)]
+    # A QuantLinear already inside an adapter is not wrapped twice.
+    wrapped = {n + ".base" for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
+    names = [n for n in names if n not in wrapped]
+    if not names:
+        raise ValueError("add_adapters: no quantized layer matched; call quantize_model first"
+                         + (f" (target_modules={target_modules!r})" if target_modules is not None else ""))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        _set_child(model, name, QALoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora))
+    return model
+
+
+def merge_adapters(model: nn.Module) -> dict[str, float]:
+    """Fold every adapter into its layer's zeros, in place (SPEC "Merge").
+
+    Returns ``{layer name: fraction of the adapter lost to zero rounding}``;
+    warns once if any layer lost more than 1%.
+    """
+    report: dict[str, float] = {}
+    names = [n for n, m in model.named_modules() if isinstance(m, QALoRALinear)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            merged = model.get_submodule(name).merge()
+            report[name] = merged.merge_lost_fraction
+            _set_child(model, name, merged)
+    bad = {n: f for n, f in report.items() if f > 0.01}
+    if bad:
+        worst = max(bad, key=bad.get)
+        warnings.warn(
+            f"merge_adapters: {len(bad)} layer(s) lost more than 1% of their adapter to zero rounding "
+            f"(worst: {worst}, {100 * bad[worst]:.2f}%); store zeros as float32 to keep it",
+            stacklevel=2,
+        )
+    return report

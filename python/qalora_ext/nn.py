@@ -1,0 +1,291 @@
+"""``nn.Module`` front end: a packed quantized linear layer and its QA-LoRA adapter.
+
+``QuantLinear``   frozen packed INT2/3/4 weight (codes, scales, zeros are
+                  buffers), ``y = x W~^T + bias``.
+``QALoRALinear``  a ``QuantLinear`` plus a trainable pooled adapter
+                  ``s * (pool(x) A^T) B^T`` (SPEC), and ``merge()`` which folds
+                  the adapter into the zeros.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .format import (
+    LAYOUT_CANONICAL,
+    check_bits,
+    check_group_size,
+    check_in_features,
+    check_layout,
+    packed_row_words,
+)
+
+__all__ = ["QuantLinear", "QALoRALinear", "MERGE_WARN_FRACTION"]
+
+MERGE_WARN_FRACTION = 0.01
+"""A merge warns when more than this fraction of the adapter is lost to rounding (SPEC)."""
+
+_STORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """Cast x to a dtype the kernels take on its device (autocast included)."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    ok = (torch.float32, torch.bfloat16) if x.device.type == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
+    if dtype not in ok:
+        dtype = torch.float32
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is packed to ``bits`` with float scales and zeros.
+
+    ``W~[n, k] = scale[n, k // G] * q[n, k] + zero[n, k // G]``. Codes, scales,
+    zeros and bias are buffers, so ``parameters()`` of a quantized model are
+    only its adapters. ``.to(dtype)`` / ``.half()`` move the layer but never
+    re-round its scales and zeros: their storage dtypes are part of the format.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 32,
+        bias: bool = True,
+        scale_dtype: torch.dtype = torch.float16,
+        zero_dtype: torch.dtype = torch.float32,
+        layout: int = LAYOUT_CANONICAL,
+        device=None,
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        check_group_size(group_size)
+        check_layout(layout)
+        check_in_features(in_features, group_size)
+        if out_features < 1:
+            raise ValueError(f"out_features must be >= 1; got {out_features}")
+        for name, dt in (("scale_dtype", scale_dtype), ("zero_dtype", zero_dtype)):
+            if dt not in _STORE_DTYPES:
+                raise TypeError(f"{name} must be torch.float16, torch.bfloat16 or torch.float32; got {dt}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.layout = layout
+        groups = in_features // group_size
+        self.register_buffer(
+            "packed", torch.zeros(out_features, packed_row_words(in_features, bits), dtype=torch.int32, device=device)
+        )
+        self.register_buffer("scale", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=zero_dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("bias", None)
+
+    # -- construction --------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int = 4,
+        group_size: int = 32,
+        scale_dtype: torch.dtype = torch.float16,
+        zero_dtype: torch.dtype = torch.float32,
+    ) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` with SPEC's round-to-nearest (min-max) per group."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear; got {type(linear).__name__}")
+        check_bits(bits)
+        check_group_size(group_size)
+        check_in_features(linear.in_features, group_size, "from_linear")
+        weight = linear.weight.detach()
+        device = weight.device
+        packed, scale, zero = ops.quantize_rtn(weight.to("cpu"), bits, group_size, scale_dtype, zero_dtype)
+        layer = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
+                    scale_dtype, zero_dtype, device="meta")
+        layer.load_packed(packed, scale, zero, linear.bias.detach() if linear.bias is not None else None)
+        return layer.to(device)
+
+    def load_packed(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, layout: int = LAYOUT_CANONICAL) -> None:
+        """Replace the layer's buffers with already packed tensors (checked)."""
+        check_layout(layout)
+        want_p = (self.out_features, packed_row_words(self.in_features, self.bits))
+        want_s = (self.out_features, self.in_features // self.group_size)
+        if packed.dtype != torch.int32 or tuple(packed.shape) != want_p:
+            raise ValueError(f"packed must be int32 of shape {want_p}; got {packed.dtype} {tuple(packed.shape)}")
+        for name, t in (("scale", scale), ("zero", zero)):
+            if tuple(t.shape) != want_s:
+                raise ValueError(f"{name} must have shape {want_s}; got {tuple(t.shape)}")
+            if t.dtype not in _STORE_DTYPES:
+                raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
+        self.layout = layout
+        self.packed = packed.contiguous()
+        self.scale = scale.contiguous()
+        self.zero = zero.contiguous()
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
+            self.bias = bias.detach().float().contiguous()
+        elif self.bias is not None:
+            self.bias = torch.zeros(self.out_features, dtype=torch.float32, device=packed.device)
+
+    # -- use -------------------------------------------------------------------
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @property
+    def zero_dtype(self) -> torch.dtype:
+        return self.zero.dtype
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes q (N, K), uint8."""
+        return ops.unpack(self.packed, self.bits, self.in_features, self.layout)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight ``W~`` (out_features, in_features)."""
+        return ops.dequantize(self.packed, self.scale, self.zero, self.bits, self.group_size, self.layout)
+
+    def _linear(self, x, lora_A=None, lora_B=None, pool_mask=None, scaling=1.0):
+        xk = _kernel_input(x)
+        y = ops.qlinear(xk, self.packed, self.scale, self.zero, self.bias, lora_A, lora_B, pool_mask, scaling,
+                        bits=self.bits, group_size=self.group_size, layout=self.layout)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the storage dtypes of the format through .half()/.to(dtype).
+        dtypes = {"scale": self.scale.dtype, "zero": self.zero.dtype}
+        super()._apply(fn, recurse)
+        for name, dt in dtypes.items():
+            buf = self._buffers[name]
+            if buf is not None and buf.dtype != dt:
+                self._buffers[name] = buf.to(dt)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, scale_dtype={self.scale.dtype}, "
+                f"zero_dtype={self.zero.dtype}, layout={self.layout}")
+
+
+class QALoRALinear(nn.Module):
+    """A ``QuantLinear`` with a QA-LoRA adapter on group-pooled inputs (SPEC).
+
+    ``y = base(x) + s * (dropout(pool(x)) A^T) B^T`` with ``pool`` the mean over
+    the quantization groups, ``A`` (rank, in_features / group_size), ``B``
+    (out_features, rank), ``s = alpha / rank`` (``alpha / sqrt(rank)`` with
+    rsLoRA). ``lora_A`` and ``lora_B`` (float32) are the only parameters.
+    """
+
+    def __init__(self, quant_linear: QuantLinear, rank: int = 16, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False) -> None:
+        super().__init__()
+        if not isinstance(quant_linear, QuantLinear):
+            raise TypeError(f"QALoRALinear wraps a QuantLinear; got {type(quant_linear).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1; got {rank!r}")
+        if not (0.0 <= float(dropout) < 1.0):
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        if not math.isfinite(float(alpha)):
+            raise ValueError(f"alpha must be finite; got {alpha!r}")
+        self.base = quant_linear
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        device = quant_linear.packed.device
+        groups = quant_linear.in_features // quant_linear.group_size
+        self.lora_A = nn.Parameter(torch.empty(rank, groups, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(quant_linear.out_features, rank, dtype=torch.float32, device=device))
+        self.reset_adapter()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32, rank: int = 16, alpha: float = 16,
+                    dropout: float = 0.0, use_rslora: bool = False, scale_dtype: torch.dtype = torch.float16,
+                    zero_dtype: torch.dtype = torch.float32) -> "QALoRALinear":
+        """Quantize ``linear`` (RTN) and attach a fresh adapter."""
+        base = QuantLinear.from_linear(linear, bits, group_size, scale_dtype, zero_dtype)
+        return cls(base, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+
+    def reset_adapter(self) -> None:
+        """SPEC init: A Kaiming-uniform (as PEFT), B = 0 (the adapter adds nothing)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # Convenience views of the base layer.
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
+    bits = property(lambda self: self.base.bits)
+    group_size = property(lambda self: self.base.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.base.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = None
+        if self.training and self.dropout > 0.0:
+            groups = self.base.in_features // self.base.group_size
+            keep = 1.0 - self.dropout
+            mask = torch.empty((*x.shape[:-1], groups), device=x.device, dtype=torch.float32).bernoulli_(keep)
+            mask.div_(keep)
+        return self.base._linear(x, self.lora_A, self.lora_B, mask, self.scaling)
+
+    @torch.no_grad()
+    def merge(self) -> QuantLinear:
+        """Fold the adapter into the zeros: ``zero' = zero + s * (B @ A) / G`` (SPEC).
+
+        Returns a new ``QuantLinear`` of the same bits whose codes and scales are
+        bit-identical to the base's. The fraction of the adapter lost to the
+        zeros' storage rounding is set as ``merge_lost_fraction`` on the result
+        (and on this module) and warned about above 1%.
+        """
+        base = self.base
+        A = self.lora_A.detach().double()
+        B = self.lora_B.detach().double()
+        delta = self.scaling * (B @ A) / base.group_size
+        zero64 = base.zero.double() + delta
+        zero_stored = zero64.to(base.zero.dtype)
+        denom = delta.norm().item()
+        lost = 0.0 if denom == 0.0 else ((zero_stored.double() - base.zero.double() - delta).norm().item() / denom)
+        merged = QuantLinear(base.in_features, base.out_features, base.bits, base.group_size, base.bias is not None,
+                             base.scale.dtype, base.zero.dtype, base.layout, device="meta")
+        merged.load_packed(base.packed.clone(), base.scale.clone(), zero_stored,
+                           base.bias.clone() if base.bias is not None else None, base.layout)
+        merged.merge_lost_fraction = lost
+        self.merge_lost_fraction = lost
+        if lost > MERGE_WARN_FRACTION:
+            warnings.warn(
+                f"merge: {100 * lost:.2f}% of the adapter was lost rounding the zeros to {base.zero.dtype}; "
+                f"store zeros as float32 (zero_dtype=torch.float32) to keep it",
+                stacklevel=2,
+            )
+        return merged
+
+    def _apply(self, fn, recurse=True):
+        # The adapter's master copy stays float32 (SPEC) through .half()/.to(dtype).
+        super()._apply(fn, recurse)
+        for p in (self.lora_A, self.lora_B):
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
+                f"use_rslora={self.use_rslora}")

@@ -1,0 +1,227 @@
+"""Typed wrappers of the ``torch.ops.qalora`` ops, their fake kernels and autograd.
+
+The schemas live in ``csrc/ops.cpp`` (``TORCH_LIBRARY(qalora, m)``); the CPU
+kernels (and CUDA kernels where built) register there. This module adds what
+torch needs from Python: fake (meta) kernels, so the ops trace under
+``torch.compile`` and run on the meta device, and the autograd formula of
+``qlinear`` (SPEC "Backward"). The wrappers check arguments and raise errors
+that name the problem before anything reaches C++.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the op registrations)
+from .format import LAYOUT_CANONICAL, check_bits, check_group_size, packed_row_words
+
+_ops = torch.ops.qalora
+
+__all__ = [
+    "quantize_rtn",
+    "pack",
+    "unpack",
+    "dequantize",
+    "qlinear",
+    "qlinear_grad_input",
+]
+
+
+def _check_devices(op: str, ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the input is on {ref.device}; move them to one device")
+
+
+# ---------------------------------------------------------------------------
+# Typed wrappers
+# ---------------------------------------------------------------------------
+
+
+def quantize_rtn(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale_dtype: torch.dtype = torch.float16,
+    zero_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest (min-max) quantization of ``weight`` (N, K), SPEC.
+
+    Returns ``(packed, scale, zero)``: ``packed`` int32 (N, S) in layout 1,
+    ``scale`` (N, K/G) in ``scale_dtype``, ``zero`` (N, K/G) in ``zero_dtype``.
+    """
+    check_bits(bits)
+    check_group_size(group_size)
+    for name, dt in (("scale_dtype", scale_dtype), ("zero_dtype", zero_dtype)):
+        if dt not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} must be torch.float16, torch.bfloat16 or torch.float32; got {dt}")
+    return _ops.quantize_rtn(weight, bits, group_size, scale_dtype, zero_dtype)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (N, K) in [0, 2^bits) into layout 1 (int32 (N, S))."""
+    check_bits(bits)
+    return _ops.pack(codes, bits)
+
+
+def unpack(packed: torch.Tensor, bits: int, in_features: int, layout: int = LAYOUT_CANONICAL) -> torch.Tensor:
+    """Codes (N, in_features) uint8 of a packed tensor."""
+    check_bits(bits)
+    return _ops.unpack(packed, bits, in_features, layout)
+
+
+def dequantize(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    layout: int = LAYOUT_CANONICAL,
+) -> torch.Tensor:
+    """The float32 weight ``W~ = scale * q + zero`` (N, K)."""
+    check_bits(bits)
+    check_group_size(group_size)
+    return _ops.dequantize(packed, scale, zero, bits, group_size, layout)
+
+
+def qlinear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    pool_mask: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    *,
+    bits: int,
+    group_size: int,
+    layout: int = LAYOUT_CANONICAL,
+) -> torch.Tensor:
+    """``y = x W~^T + bias + scaling * ((pool_mask * pool(x)) A^T) B^T`` (SPEC).
+
+    ``x`` (..., K); ``pool_mask`` (..., K/G) is the dropout mask on the pooled
+    input (already including ``1/(1-p)``), or None. Differentiable in x,
+    bias, lora_A and lora_B.
+    """
+    check_bits(bits)
+    check_group_size(group_size)
+    _check_devices("qlinear", x, packed=packed, scale=scale, zero=zero, bias=bias, lora_A=lora_A, lora_B=lora_B,
+                   pool_mask=pool_mask)
+    return _ops.qlinear(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, float(scaling), bits, group_size,
+                        layout)
+
+
+def qlinear_grad_input(
+    grad_out: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    pool_mask: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    *,
+    bits: int,
+    group_size: int,
+    layout: int = LAYOUT_CANONICAL,
+) -> torch.Tensor:
+    """``grad_x = grad_out W~ + scaling/G * unpool(mask * ((grad_out B) A))`` (SPEC)."""
+    check_bits(bits)
+    check_group_size(group_size)
+    _check_devices("qlinear_grad_input", grad_out, packed=packed, scale=scale, zero=zero, lora_A=lora_A,
+                   lora_B=lora_B, pool_mask=pool_mask)
+    return _ops.qlinear_grad_input(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, float(scaling), bits,
+                                   group_size, layout)
+
+
+# ---------------------------------------------------------------------------
+# Fake (meta) kernels: shapes and dtypes only
+# ---------------------------------------------------------------------------
+
+
+@torch.library.register_fake("qalora::quantize_rtn")
+def _quantize_rtn_fake(weight, bits, group_size, scale_dtype, zero_dtype):
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D; got {tuple(weight.shape)}")
+    n, k = weight.shape
+    groups = k // group_size
+    packed = weight.new_empty((n, packed_row_words(k, bits)), dtype=torch.int32)
+    return packed, weight.new_empty((n, groups), dtype=scale_dtype), weight.new_empty((n, groups), dtype=zero_dtype)
+
+
+@torch.library.register_fake("qalora::pack")
+def _pack_fake(codes, bits):
+    n, k = codes.shape
+    return codes.new_empty((n, packed_row_words(k, bits)), dtype=torch.int32)
+
+
+@torch.library.register_fake("qalora::unpack")
+def _unpack_fake(packed, bits, in_features, layout):
+    return packed.new_empty((packed.shape[0], in_features), dtype=torch.uint8)
+
+
+@torch.library.register_fake("qalora::dequantize")
+def _dequantize_fake(packed, scale, zero, bits, group_size, layout):
+    return packed.new_empty((packed.shape[0], scale.shape[1] * group_size), dtype=torch.float32)
+
+
+@torch.library.register_fake("qalora::qlinear")
+def _qlinear_fake(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout):
+    torch._check(x.shape[-1] == scale.shape[1] * group_size,
+                 lambda: f"x must have last dimension {scale.shape[1] * group_size}; got {tuple(x.shape)}")
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.register_fake("qalora::qlinear_grad_input")
+def _qlinear_grad_input_fake(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, scaling, bits, group_size,
+                             layout):
+    return grad_out.new_empty((*grad_out.shape[:-1], scale.shape[1] * group_size))
+
+
+# ---------------------------------------------------------------------------
+# Autograd of qlinear (SPEC "Backward")
+# ---------------------------------------------------------------------------
+
+
+def _qlinear_setup_context(ctx, inputs, output):
+    x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout = inputs
+    ctx.meta = (scaling, bits, group_size, layout)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.x_shape = x.shape
+    ctx.x_dtype = x.dtype
+    need_adapter_grads = lora_A is not None and (ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
+    # Only the pooled input (K/G of x's size) is kept for the adapter grads.
+    pooled = None
+    if need_adapter_grads:
+        pooled = x.detach().float().unflatten(-1, (scale.shape[1], group_size)).mean(-1)
+        if pool_mask is not None:
+            pooled = pooled * pool_mask.float()
+    ctx.save_for_backward(packed, scale, zero, lora_A, lora_B, pool_mask, pooled)
+
+
+def _qlinear_backward(ctx, grad_out):
+    packed, scale, zero, lora_A, lora_B, pool_mask, pooled = ctx.saved_tensors
+    scaling, bits, group_size, layout = ctx.meta
+    grad_x = grad_bias = grad_A = grad_B = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.qlinear_grad_input(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, scaling, bits,
+                                         group_size, layout).to(ctx.x_dtype)
+    gy = grad_out.reshape(-1, grad_out.shape[-1]).float()
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = gy.sum(0).to(ctx.bias_dtype)
+    if pooled is not None:
+        p = pooled.reshape(-1, pooled.shape[-1])
+        gyB = gy @ lora_B.float()  # (M, r)
+        if ctx.needs_input_grad[5]:
+            grad_A = (scaling * gyB.t() @ p).to(lora_A.dtype)
+        if ctx.needs_input_grad[6]:
+            u = p @ lora_A.float().t()  # (M, r)
+            grad_B = (scaling * gy.t() @ u).to(lora_B.dtype)
+    return grad_x, None, None, None, grad_bias, grad_A, grad_B, None, None, None, None, None
+
+
+torch.library.register_autograd("qalora::qlinear", _qlinear_backward, setup_context=_qlinear_setup_context)
