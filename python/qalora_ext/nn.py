@@ -169,13 +169,15 @@ class QuantLinear(nn.Module):
         return self._linear(x)
 
     def _apply(self, fn, recurse=True):
-        # Keep the storage dtypes of the format through .half()/.to(dtype).
-        dtypes = {"scale": self.scale.dtype, "zero": self.zero.dtype}
+        # Scales and zeros keep their storage dtypes through .half()/.to(dtype):
+        # a dtype cast would re-round them (and erase a merged adapter). Only
+        # the device move of `fn` is applied to them.
+        originals = {"scale": self.scale, "zero": self.zero}
         super()._apply(fn, recurse)
-        for name, dt in dtypes.items():
-            buf = self._buffers[name]
-            if buf is not None and buf.dtype != dt:
-                self._buffers[name] = buf.to(dt)
+        for name, orig in originals.items():
+            new = self._buffers[name]
+            if new.dtype != orig.dtype:
+                self._buffers[name] = orig.to(device=new.device)
         return self
 
     def extra_repr(self) -> str:
@@ -279,11 +281,14 @@ class QALoRALinear(nn.Module):
         return merged
 
     def _apply(self, fn, recurse=True):
-        # The adapter's master copy stays float32 (SPEC) through .half()/.to(dtype).
+        # The adapter's master copy stays float32 (SPEC) through .half()/.to(dtype):
+        # only the device move of `fn` is applied to it.
+        originals = {"lora_A": self.lora_A.data, "lora_B": self.lora_B.data}
         super()._apply(fn, recurse)
-        for p in (self.lora_A, self.lora_B):
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
+        for name, orig in originals.items():
+            p = self._parameters[name]
+            if p.dtype != orig.dtype:
+                p.data = orig.to(device=p.device)
         return self
 
     def extra_repr(self) -> str:

@@ -197,10 +197,16 @@ def _qlinear_setup_context(ctx, inputs, output):
     # Only the pooled input (K/G of x's size) is kept for the adapter grads.
     pooled = None
     if need_adapter_grads:
-        pooled = x.detach().float().unflatten(-1, (scale.shape[1], group_size)).mean(-1)
+        xd = x.detach()
+        xd = xd if xd.dtype == torch.float32 else xd.float()
+        pooled = xd.unflatten(-1, (scale.shape[1], group_size)).mean(-1)
         if pool_mask is not None:
-            pooled = pooled * pool_mask.float()
+            pooled = pooled * pool_mask
     ctx.save_for_backward(packed, scale, zero, lora_A, lora_B, pool_mask, pooled)
+
+
+def _detach(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach()
 
 
 def _qlinear_backward(ctx, grad_out):
@@ -208,8 +214,9 @@ def _qlinear_backward(ctx, grad_out):
     scaling, bits, group_size, layout = ctx.meta
     grad_x = grad_bias = grad_A = grad_B = None
     if ctx.needs_input_grad[0]:
-        grad_x = _ops.qlinear_grad_input(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, scaling, bits,
-                                         group_size, layout).to(ctx.x_dtype)
+        # First-order only: the adapter enters grad_x as a constant.
+        grad_x = _ops.qlinear_grad_input(grad_out, packed, scale, zero, _detach(lora_A), _detach(lora_B), pool_mask,
+                                         scaling, bits, group_size, layout).to(ctx.x_dtype)
     gy = grad_out.reshape(-1, grad_out.shape[-1]).float()
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = gy.sum(0).to(ctx.bias_dtype)

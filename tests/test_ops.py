@@ -1,0 +1,303 @@
+"""The qlinear ops (forward, grad_input, autograd) against the float64 reference,
+on every compiled CPU instruction set, at the small-M / GEMM boundary, plus
+opcheck, torch.compile, meta tensors, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qalora_ext
+from qalora_ext import _C, ops, reference
+
+from conftest import quantized, rel_err
+
+BITS = (2, 3, 4)
+GROUPS = (32, 64, 128)
+T = _C.SMALL_M_THRESHOLD  # rows below: packed kernels; at or above: dequantize + GEMM
+ISAS = [isa for isa in _C.compiled_cpu_isas().split(",")]
+
+
+def _k_for(group_size):
+    return 576 if 576 % group_size == 0 else 640
+
+
+def _available(isa):
+    try:
+        _C.set_cpu_isa(isa)
+        return True
+    except ValueError:
+        return False
+    finally:
+        _C.set_cpu_isa("auto")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not _available(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa("auto")
+
+
+def _adapter(n, groups, rank=8):
+    return torch.randn(rank, groups) * 0.3, torch.randn(n, rank) * 0.3
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("lead", [(1,), (3,), (17,), (2, 5), (T - 1,), (T,), (2, 40)])
+def test_qlinear_forward_matches_reference(bits, group_size, lead):
+    n, k = 1536 if lead == (1,) else 200, _k_for(group_size)
+    packed, scale, zero, W = quantized(n, k, bits, group_size)
+    A, B = _adapter(n, k // group_size)
+    bias = torch.randn(n)
+    mask = (torch.rand(*lead, k // group_size) > 0.3).float() / 0.7
+    x = torch.randn(*lead, k)
+    y = ops.qlinear(x, packed, scale, zero, bias, A, B, mask, 0.75, bits=bits, group_size=group_size)
+    ref = reference.qlinear(x, W, bias, A, B, mask, 0.75, group_size)
+    assert y.shape == (*lead, n) and y.dtype == torch.float32
+    assert rel_err(y, ref) <= 1e-5
+    # Without adapter or bias too.
+    y0 = ops.qlinear(x, packed, scale, zero, bits=bits, group_size=group_size)
+    assert rel_err(y0, reference.qlinear(x, W)) <= 1e-5
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 7), (T - 1,), (T,), (33,)])
+def test_qlinear_grad_input_matches_reference(bits, group_size, lead):
+    n, k = 96, _k_for(group_size)
+    packed, scale, zero, W = quantized(n, k, bits, group_size)
+    A, B = _adapter(n, k // group_size)
+    mask = (torch.rand(*lead, k // group_size) > 0.5).float() * 2
+    gy = torch.randn(*lead, n)
+    gx = ops.qlinear_grad_input(gy, packed, scale, zero, A, B, mask, 1.5, bits=bits, group_size=group_size)
+    ref = reference.qlinear_grad_input(gy, W, A, B, mask, 1.5, group_size)
+    assert gx.shape == (*lead, k)
+    assert rel_err(gx, ref) <= 1e-5
+    gx0 = ops.qlinear_grad_input(gy, packed, scale, zero, bits=bits, group_size=group_size)
+    assert rel_err(gx0, reference.qlinear_grad_input(gy, W)) <= 1e-5
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", (1, 5, T - 1, T, 2 * T + 3))
+def test_every_isa_matches_reference(isa, bits, m):
+    """Each compiled instruction set (scalar fallback included) on both sides of the M threshold."""
+    assert _C.get_cpu_isa() == isa
+    n, k, g = 136, 640, 64
+    packed, scale, zero, W = quantized(n, k, bits, g, scale_dtype=torch.bfloat16)
+    A, B = _adapter(n, k // g)
+    x = torch.randn(m, k)
+    y = ops.qlinear(x, packed, scale, zero, None, A, B, None, 2.0, bits=bits, group_size=g)
+    assert rel_err(y, reference.qlinear(x, W, None, A, B, None, 2.0, g)) <= 1e-5
+    gy = torch.randn(m, n)
+    gx = ops.qlinear_grad_input(gy, packed, scale, zero, A, B, None, 2.0, bits=bits, group_size=g)
+    assert rel_err(gx, reference.qlinear_grad_input(gy, W, A, B, None, 2.0, g)) <= 1e-5
+    deq = ops.dequantize(packed, scale, zero, bits, g)
+    assert rel_err(deq, W) <= 1e-6
+
+
+def test_scalar_path_can_be_forced_and_unknown_isa_is_an_error():
+    qalora_ext.set_cpu_isa("scalar")
+    try:
+        assert _C.get_cpu_isa() == "scalar"
+    finally:
+        qalora_ext.set_cpu_isa("auto")
+    assert _C.get_cpu_isa() == _C.best_cpu_isa()
+    with pytest.raises(ValueError, match="not available"):
+        qalora_ext.set_cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("m", (1, T + 1))
+def test_bfloat16_activations(m):
+    n, k, g = 64, 256, 32
+    packed, scale, zero, W = quantized(n, k, 4, g)
+    x = torch.randn(m, k).bfloat16()
+    y = ops.qlinear(x, packed, scale, zero, bits=4, group_size=g)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, reference.qlinear(x, W)) <= 1e-2  # bfloat16 output rounding
+
+
+@pytest.mark.parametrize("m", (2, T + 5))
+def test_deterministic(m):
+    packed, scale, zero, _ = quantized(300, 512, 3, 64)
+    A, B = _adapter(300, 8)
+    x = torch.randn(m, 512)
+    outs = [ops.qlinear(x, packed, scale, zero, None, A, B, None, 1.0, bits=3, group_size=64) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_small_m_kernel_independent_of_thread_count():
+    packed, scale, zero, _ = quantized(512, 512, 4, 32)
+    x, gy = torch.randn(3, 512), torch.randn(3, 512)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = ops.qlinear(x, packed, scale, zero, bits=4, group_size=32)
+        g1 = ops.qlinear_grad_input(gy, packed, scale, zero, bits=4, group_size=32)
+        torch.set_num_threads(max(2, old))
+        y2 = ops.qlinear(x, packed, scale, zero, bits=4, group_size=32)
+        g2 = ops.qlinear_grad_input(gy, packed, scale, zero, bits=4, group_size=32)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+
+
+def test_empty_batch_and_non_contiguous_input():
+    packed, scale, zero, W = quantized(48, 128, 2, 32)
+    A, B = _adapter(48, 4)
+    x0 = torch.randn(0, 128, requires_grad=True)
+    y0 = ops.qlinear(x0, packed, scale, zero, None, A, B, None, 1.0, bits=2, group_size=32)
+    assert y0.shape == (0, 48)
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 128)
+    assert ops.qlinear_grad_input(torch.randn(4, 0, 48), packed, scale, zero, bits=2, group_size=32).shape == (4, 0, 128)
+    xt = torch.randn(128, 7).t()  # non-contiguous
+    assert not xt.is_contiguous()
+    y = ops.qlinear(xt, packed, scale, zero, None, A, B, None, 1.0, bits=2, group_size=32)
+    assert rel_err(y, reference.qlinear(xt, W, None, A, B, None, 1.0, 32)) <= 1e-5
+    # Non-contiguous weights are handled too.
+    s_nc = scale.t().contiguous().t()
+    assert not s_nc.is_contiguous()
+    assert torch.equal(ops.qlinear(xt, packed, s_nc, zero, bits=2, group_size=32),
+                       ops.qlinear(xt, packed, scale, zero, bits=2, group_size=32))
+
+
+# ---- autograd -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (T + 2,)])
+@pytest.mark.parametrize("with_mask", (False, True))
+def test_autograd_matches_reference(bits, lead, with_mask):
+    n, k, g = 80, 256, 32
+    packed, scale, zero, W = quantized(n, k, bits, g)
+    A0, B0 = _adapter(n, k // g)
+    bias0 = torch.randn(n)
+    mask = ((torch.rand(*lead, k // g) > 0.25).float() / 0.75) if with_mask else None
+    x0 = torch.randn(*lead, k)
+    gy = torch.randn(*lead, n)
+
+    x, A, B, bias = (t.clone().requires_grad_() for t in (x0, A0, B0, bias0))
+    ops.qlinear(x, packed, scale, zero, bias, A, B, mask, 0.5, bits=bits, group_size=g).backward(gy)
+
+    xr, Ar, Br, br = (t.double().requires_grad_() for t in (x0, A0, B0, bias0))
+    reference.qlinear(xr, W, br, Ar, Br, mask, 0.5, g).backward(gy.double())
+    for got, want in ((x.grad, xr.grad), (A.grad, Ar.grad), (B.grad, Br.grad), (bias.grad, br.grad)):
+        assert got.dtype == torch.float32
+        assert rel_err(got, want) <= 1e-5
+    # The reference's closed forms agree with its autograd.
+    gA, gB = reference.adapter_grads(x0, gy, A0, B0, mask, 0.5, g)
+    assert rel_err(gA, Ar.grad) <= 1e-12 and rel_err(gB, Br.grad) <= 1e-12
+
+
+@pytest.mark.filterwarnings("ignore:Input #.*double precision")
+def test_gradcheck_through_the_op():
+    """torch.autograd.gradcheck on the adapter and input (float32 op, so loose eps)."""
+    packed, scale, zero, _ = quantized(16, 64, 4, 32)
+    A0, B0 = _adapter(16, 2, rank=3)
+    x = torch.randn(2, 64, dtype=torch.float32, requires_grad=True)
+    A = A0.clone().requires_grad_()
+    B = B0.clone().requires_grad_()
+
+    def f(x, A, B):
+        return ops.qlinear(x, packed, scale, zero, None, A, B, None, 1.0, bits=4, group_size=32)
+
+    assert torch.autograd.gradcheck(f, (x, A, B), eps=1e-2, atol=5e-3, rtol=5e-3)
+
+
+# ---- torch integration ------------------------------------------------------
+
+
+def _sample_inputs():
+    packed, scale, zero, _ = quantized(64, 128, 3, 32)
+    A, B = _adapter(64, 4)
+    x = torch.randn(3, 128)
+    mask = (torch.rand(3, 4) > 0.5).float() * 2
+    w = torch.randn(64, 128)
+    codes = torch.randint(0, 8, (64, 128), dtype=torch.uint8)
+    return {
+        "quantize_rtn": (w, 3, 32, torch.float16, torch.float32),
+        "pack": (codes, 3),
+        "unpack": (packed, 3, 128, 1),
+        "dequantize": (packed, scale, zero, 3, 32, 1),
+        "qlinear": (x.clone().requires_grad_(), packed, scale, zero, torch.randn(64), A.clone().requires_grad_(),
+                    B.clone().requires_grad_(), mask, 0.5, 3, 32, 1),
+        "qlinear_grad_input": (torch.randn(3, 64), packed, scale, zero, A, B, mask, 0.5, 3, 32, 1),
+    }
+
+
+@pytest.mark.parametrize("name", ["quantize_rtn", "pack", "unpack", "dequantize", "qlinear", "qlinear_grad_input"])
+def test_opcheck(name):
+    args = _sample_inputs()[name]
+    torch.library.opcheck(getattr(torch.ops.qalora, name).default, args)
+
+
+def test_meta_tensors_give_shapes():
+    packed, scale, zero, _ = quantized(64, 128, 4, 32)
+    x = torch.empty(5, 7, 128, device="meta")
+    y = torch.ops.qalora.qlinear(x, packed.to("meta"), scale.to("meta"), zero.to("meta"), None, None, None, None,
+                                 1.0, 4, 32, 1)
+    assert y.shape == (5, 7, 64) and y.device.type == "meta"
+
+
+def test_torch_compile_matches_eager():
+    torch._dynamo.reset()
+    lin1, lin2 = torch.nn.Linear(128, 96), torch.nn.Linear(96, 64)
+    model = torch.nn.Sequential(
+        qalora_ext.QALoRALinear.from_linear(lin1, bits=4, group_size=32, rank=4),
+        torch.nn.GELU(),
+        qalora_ext.QALoRALinear.from_linear(lin2, bits=3, group_size=32, rank=4),
+    )
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, qalora_ext.QALoRALinear):
+                m.lora_B.normal_()
+    model.eval()
+    x = torch.randn(6, 128)
+    eager = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    # And a backward through the compiled graph.
+    model.train()
+    xg = x.clone().requires_grad_()
+    torch.compile(model, backend="aot_eager")(xg).sum().backward()
+    assert xg.grad is not None and model[0].lora_B.grad is not None
+
+
+# ---- bad input ---------------------------------------------------------------
+
+
+def test_qlinear_bad_input_messages():
+    packed, scale, zero, _ = quantized(64, 128, 4, 32)
+    A, B = _adapter(64, 4)
+    x = torch.randn(2, 128)
+    kw = dict(bits=4, group_size=32)
+    with pytest.raises(ValueError, match="last dimension 128"):
+        ops.qlinear(torch.randn(2, 96), packed, scale, zero, **kw)
+    with pytest.raises(TypeError, match="float32 or bfloat16 on CPU"):
+        ops.qlinear(x.half(), packed, scale, zero, **kw)
+    with pytest.raises(TypeError, match="float32 or bfloat16 on CPU"):
+        ops.qlinear(x.double(), packed, scale, zero, **kw)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        ops.qlinear(x, packed, scale, zero, None, A[:, :3], B, **kw)
+    with pytest.raises(ValueError, match="lora_B must be"):
+        ops.qlinear(x, packed, scale, zero, None, A, B[:, :2], **kw)
+    with pytest.raises(ValueError, match="given together"):
+        ops.qlinear(x, packed, scale, zero, None, A, None, **kw)
+    with pytest.raises(ValueError, match="bias must be"):
+        ops.qlinear(x, packed, scale, zero, torch.randn(63), **kw)
+    with pytest.raises(ValueError, match="pool_mask must have shape"):
+        ops.qlinear(x, packed, scale, zero, None, A, B, torch.ones(2, 3), **kw)
+    with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
+        ops.qlinear(x, packed, scale, zero, bits=5, group_size=32)
+    with pytest.raises(ValueError, match="words per row"):
+        ops.qlinear(x, packed, scale, zero, bits=2, group_size=32)
+    with pytest.raises(ValueError, match="layout id 9"):
+        ops.qlinear(x, packed, scale, zero, bits=4, group_size=32, layout=9)
+    with pytest.raises(ValueError, match="on meta but the input is on cpu"):
+        ops.qlinear(x, packed, scale.to("meta"), zero, **kw)
+    with pytest.raises(ValueError, match="last dimension 64"):
+        ops.qlinear_grad_input(torch.randn(2, 60), packed, scale, zero, **kw)
