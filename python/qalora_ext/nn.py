@@ -211,12 +211,16 @@ class QALoRALinear(nn.Module):
         self.alpha = float(alpha)
         self.dropout = float(dropout)
         self.use_rslora = bool(use_rslora)
-        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
         device = quant_linear.packed.device
         groups = quant_linear.in_features // quant_linear.group_size
         self.lora_A = nn.Parameter(torch.empty(rank, groups, dtype=torch.float32, device=device))
         self.lora_B = nn.Parameter(torch.zeros(quant_linear.out_features, rank, dtype=torch.float32, device=device))
         self.reset_adapter()
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA (SPEC)."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32, rank: int = 16, alpha: float = 16,
@@ -270,6 +274,7 @@ class QALoRALinear(nn.Module):
                              base.scale.dtype, base.zero.dtype, base.layout, device="meta")
         merged.load_packed(base.packed.clone(), base.scale.clone(), zero_stored,
                            base.bias.clone() if base.bias is not None else None, base.layout)
+        merged.train(self.training)
         merged.merge_lost_fraction = lost
         self.merge_lost_fraction = lost
         if lost > MERGE_WARN_FRACTION:
