@@ -199,8 +199,11 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::
     const int64_t rank = adapter ? u.size(1) : 0;
     float* yp = y.data_ptr<float>();
     const auto& k = cpu::active_kernels();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      k.forward_rows(w, xp, M, sp, bp, up, Bp, rank, yp, n0, n1);
+    // Tasks get whole blocks of 16 rows (a multiple of every ISA's row lanes),
+    // so only the last rows of the matrix take the one-row tail path.
+    constexpr int64_t kRowBlock = 16;
+    at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
+      k.forward_rows(w, xp, M, sp, bp, up, Bp, rank, yp, b0 * kRowBlock, std::min(N, b1 * kRowBlock));
     });
   } else {
     // Large M: the GEMM's arithmetic dominates; dequantize a block of rows at

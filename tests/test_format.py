@@ -183,3 +183,17 @@ def test_unknown_layout_and_wrong_packed_shape_rejected():
         ops.dequantize(packed, scale, zero[:, :1], 4, 32)
     with pytest.raises(TypeError, match="packed must be int32"):
         ops.dequantize(packed.long(), scale, zero, 4, 32)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
+def test_round_to_storage_is_a_single_correct_rounding(dtype):
+    from qalora_ext.format import round_to_storage
+
+    x = torch.randn(200_000, dtype=torch.float64) * 0.05
+    r = round_to_storage(x, dtype)
+    assert r.dtype == dtype
+    up = torch.nextafter(r, torch.full_like(r, float("inf"))).double()
+    down = torch.nextafter(r, torch.full_like(r, -float("inf"))).double()
+    err = (r.double() - x).abs()
+    # r is at least as near as either neighbour: within half an ulp.
+    assert bool((err <= (up - x).abs()).all()) and bool((err <= (down - x).abs()).all())

@@ -50,31 +50,163 @@ inline float dot(const float* a, const float* b, int n) {
   return s;
 }
 
+// Rows handled together by the blocked forward kernel: one SIMD register of
+// floats, each lane a different output row, so every code position is the
+// same shift for all lanes (b = 3 straddles included) and the x value is a
+// broadcast.
+#if defined(QALORA_ROW_LANES)
+constexpr int kLanes = QALORA_ROW_LANES;
+#else
+constexpr int kLanes = 8;
+#endif
+
+// Code i of a chunk for each of kLanes rows, from the chunk's words
+// wv[word][lane]. `i` is a compile-time constant after unrolling.
+template <int BITS>
+inline void chunk_codes(const uint32_t (*wv)[kLanes], int i, float* q) {
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+  const int bit = i * BITS, word = bit >> 5, shift = bit & 31;
+  if (shift + BITS <= 32) {
+    QALORA_SIMD
+    for (int r = 0; r < kLanes; ++r) q[r] = static_cast<float>((wv[word][r] >> shift) & mask);
+  } else {
+    QALORA_SIMD
+    for (int r = 0; r < kLanes; ++r)
+      q[r] = static_cast<float>(((wv[word][r] >> shift) | (wv[word + 1][r] << (32 - shift))) & mask);
+  }
+}
+
+// scale or zero of group g for kLanes consecutive rows (stride L apart), as
+// floats. The dtype switch sits outside the lane loop so the conversion
+// vectorizes (F16C's vcvtph2ps where this copy is built with it).
+inline void load_lanes(const void* base, int64_t i0, int64_t stride, StoreType t, float* out) {
+  switch (t) {
+    case StoreType::kFloat16: {
+#if defined(__F16C__) && defined(__FLT16_MAX__)
+      const _Float16* p = static_cast<const _Float16*>(base) + i0;
+      for (int r = 0; r < kLanes; ++r) out[r] = static_cast<float>(p[r * stride]);
+#else
+      const uint16_t* p = static_cast<const uint16_t*>(base) + i0;
+      for (int r = 0; r < kLanes; ++r) out[r] = half_bits_to_float(p[r * stride]);
+#endif
+      break;
+    }
+    case StoreType::kBFloat16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + i0;
+      for (int r = 0; r < kLanes; ++r) out[r] = bits_float(static_cast<uint32_t>(p[r * stride]) << 16);
+      break;
+    }
+    default: {
+      const float* p = static_cast<const float*>(base) + i0;
+      for (int r = 0; r < kLanes; ++r) out[r] = p[r * stride];
+    }
+  }
+}
+
+// y for rows [n0, n0 + kLanes) and activation rows [m0, m0 + MT): the
+// small-M hot loop. MT is a compile-time count so the MT x kLanes group
+// accumulators live in registers; larger M is done MT rows of x at a time
+// (the row block's codes stay in L1/L2 between passes).
+template <int BITS, int MT>
+void forward_row_block(const PackedView& w, const float* x, const float* xsum, float* out /* M x kLanes */,
+                       int64_t n0, int64_t m0) {
+  const int G = w.group_size;
+  const int64_t L = w.groups();
+  const int64_t K = w.K;
+  float acc[MT][kLanes];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < kLanes; ++r) acc[m][r] = 0.f;
+  const uint32_t* rows[kLanes];
+  for (int r = 0; r < kLanes; ++r) rows[r] = w.packed + (n0 + r) * w.stride_words;
+  const float* xm = x + m0 * K;
+  for (int64_t g = 0; g < L; ++g) {
+    float gacc[MT][kLanes];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < kLanes; ++r) gacc[m][r] = 0.f;
+    for (int c = 0; c < G / kChunk; ++c) {
+      const int64_t word0 = (g * (G / kChunk) + c) * BITS;
+      uint32_t wv[BITS][kLanes];
+      for (int b = 0; b < BITS; ++b)
+        for (int r = 0; r < kLanes; ++r) wv[b][r] = rows[r][word0 + b];
+      const int64_t k0 = g * G + c * kChunk;
+#pragma GCC unroll 32
+      for (int i = 0; i < kChunk; ++i) {
+        float q[kLanes];
+        chunk_codes<BITS>(wv, i, q);
+        for (int m = 0; m < MT; ++m) {
+          const float xv = xm[m * K + k0 + i];
+          QALORA_SIMD
+          for (int r = 0; r < kLanes; ++r) gacc[m][r] += q[r] * xv;
+        }
+      }
+    }
+    float s[kLanes], z[kLanes];
+    load_lanes(w.scale, n0 * L + g, L, w.scale_type, s);
+    load_lanes(w.zero, n0 * L + g, L, w.zero_type, z);
+    for (int m = 0; m < MT; ++m) {
+      const float xs = xsum[(m0 + m) * L + g];
+      QALORA_SIMD
+      for (int r = 0; r < kLanes; ++r) acc[m][r] += s[r] * gacc[m][r] + z[r] * xs;
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < kLanes; ++r) out[(m0 + m) * kLanes + r] = acc[m][r];
+}
+
+template <int BITS>
+void forward_rows_block_allm(const PackedView& w, const float* x, int64_t M, const float* xsum, float* out,
+                             int64_t n0) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) forward_row_block<BITS, 4>(w, x, xsum, out, n0, m0);
+  switch (M - m0) {
+    case 3: forward_row_block<BITS, 3>(w, x, xsum, out, n0, m0); break;
+    case 2: forward_row_block<BITS, 2>(w, x, xsum, out, n0, m0); break;
+    case 1: forward_row_block<BITS, 1>(w, x, xsum, out, n0, m0); break;
+    default: break;
+  }
+}
+
+// One row at a time: the tail of a range that is not a whole row block.
+template <int BITS>
+void forward_rows_single(const PackedView& w, const float* x, int64_t M, const float* xsum, float* out /* M x 1 */,
+                         int64_t n) {
+  const int G = w.group_size;
+  const int64_t L = w.groups();
+  const int64_t K = w.K;
+  alignas(64) float q[kMaxGroup];
+  const uint32_t* row = w.packed + n * w.stride_words;
+  for (int64_t m = 0; m < M; ++m) out[m] = 0.f;
+  for (int64_t g = 0; g < L; ++g) {
+    unpack_group<BITS>(row, g, G, q);
+    const float s = load_store(w.scale, n * L + g, w.scale_type);
+    const float z = load_store(w.zero, n * L + g, w.zero_type);
+    for (int64_t m = 0; m < M; ++m) out[m] += s * dot(q, x + m * K + g * G, G) + z * xsum[m * L + g];
+  }
+}
+
 template <int BITS>
 void forward_rows_t(const PackedView& w, const float* x, int64_t M, const float* xsum, const float* bias,
                     const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
-  const int G = w.group_size;
-  const int64_t L = w.groups();
-  const int64_t K = w.K, N = w.N;
-  alignas(64) float q[kMaxGroup];
-  float acc[kMaxSmallM];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint32_t* row = w.packed + n * w.stride_words;
-    for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
-    for (int64_t g = 0; g < L; ++g) {
-      unpack_group<BITS>(row, g, G, q);
-      const float s = load_store(w.scale, n * L + g, w.scale_type);
-      const float z = load_store(w.zero, n * L + g, w.zero_type);
+  const int64_t N = w.N;
+  float out[kMaxSmallM * kLanes];
+  int64_t n = n0;
+  while (n < n1) {
+    const int rows = n + kLanes <= n1 ? kLanes : 1;
+    if (rows == kLanes) {
+      forward_rows_block_allm<BITS>(w, x, M, xsum, out, n);
+    } else {
+      forward_rows_single<BITS>(w, x, M, xsum, out, n);
+    }
+    // Epilogue: bias and the adapter's u @ B^T for these rows.
+    for (int r = 0; r < rows; ++r) {
+      const float b = bias ? bias[n + r] : 0.f;
       for (int64_t m = 0; m < M; ++m) {
-        acc[m] += s * dot(q, x + m * K + g * G, G) + z * xsum[m * L + g];
+        float v = out[m * rows + r] + b;
+        if (u) v += dot(u + m * rank, B + (n + r) * rank, static_cast<int>(rank));
+        y[m * N + n + r] = v;
       }
     }
-    const float b = bias ? bias[n] : 0.f;
-    for (int64_t m = 0; m < M; ++m) {
-      float v = acc[m] + b;
-      if (u) v += dot(u + m * rank, B + n * rank, static_cast<int>(rank));
-      y[m * N + n] = v;
-    }
+    n += rows;
   }
 }
 

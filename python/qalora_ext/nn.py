@@ -24,6 +24,7 @@ from .format import (
     check_in_features,
     check_layout,
     packed_row_words,
+    round_to_storage,
 )
 
 __all__ = ["QuantLinear", "QALoRALinear", "MERGE_WARN_FRACTION"]
@@ -267,7 +268,7 @@ class QALoRALinear(nn.Module):
         B = self.lora_B.detach().double()
         delta = self.scaling * (B @ A) / base.group_size
         zero64 = base.zero.double() + delta
-        zero_stored = zero64.to(base.zero.dtype)
+        zero_stored = round_to_storage(zero64, base.zero.dtype)
         denom = delta.norm().item()
         lost = 0.0 if denom == 0.0 else ((zero_stored.double() - base.zero.double() - delta).norm().item() / denom)
         merged = QuantLinear(base.in_features, base.out_features, base.bits, base.group_size, base.bias is not None,
