@@ -44,6 +44,20 @@ PackedView view_of(const at::Tensor& packed, const at::Tensor& scale, const at::
   return v;
 }
 
+// A packed weight made contiguous, with the raw view the kernels take (the
+// tensors keep the memory alive while the view is used).
+struct ContiguousWeight {
+  at::Tensor packed, scale, zero;
+  PackedView view;
+};
+
+ContiguousWeight contiguous_weight(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
+                                   int64_t bits, int64_t group_size) {
+  ContiguousWeight c{packed.contiguous(), scale.contiguous(), zero.contiguous(), {}};
+  c.view = view_of(c.packed, c.scale, c.zero, bits, group_size);
+  return c;
+}
+
 // Rows of W dequantized per block in the large-M path: a block of float
 // weights stays a few MB so it is reused from cache by the GEMM.
 int64_t dequant_block_rows(int64_t K) {
@@ -143,11 +157,9 @@ at::Tensor unpack_cpu(const at::Tensor& packed, int64_t bits, int64_t in_feature
 at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
                           int64_t group_size, int64_t layout) {
   check_quant_weight(packed, scale, zero, bits, group_size, layout);
-  auto p = packed.contiguous();
-  auto s = scale.contiguous();
-  auto z = zero.contiguous();
-  const PackedView w = view_of(p, s, z, bits, group_size);
-  auto out = at::empty({w.N, w.K}, p.options().dtype(at::kFloat));
+  const auto cw = contiguous_weight(packed, scale, zero, bits, group_size);
+  const PackedView& w = cw.view;
+  auto out = at::empty({w.N, w.K}, packed.options().dtype(at::kFloat));
   dequantize_block(w, out.data_ptr<float>(), 0, w.N);
   return out;
 }
@@ -172,10 +184,8 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::
   if (M == 0) return at::zeros(out_shape, x.options());
 
   auto x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
-  auto p = packed.contiguous();
-  auto s = scale.contiguous();
-  auto z = zero.contiguous();
-  const PackedView w = view_of(p, s, z, bits, group_size);
+  const auto cw = contiguous_weight(packed, scale, zero, bits, group_size);
+  const PackedView& w = cw.view;
   auto xsum = group_sums(x2, group_size);
 
   at::Tensor u, B, b;
@@ -245,10 +255,8 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
   if (M == 0) return at::zeros(out_shape, grad_out.options());
 
   auto gy = grad_out.reshape({M, N}).to(at::kFloat).contiguous();
-  auto p = packed.contiguous();
-  auto s = scale.contiguous();
-  auto z = zero.contiguous();
-  const PackedView w = view_of(p, s, z, bits, group_size);
+  const auto cw = contiguous_weight(packed, scale, zero, bits, group_size);
+  const PackedView& w = cw.view;
 
   at::Tensor group_add;  // (M, L): the adapter's gradient, one value per group
   if (adapter) {
