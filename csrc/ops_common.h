@@ -15,7 +15,7 @@ namespace qalora {
 // Below this many rows of activations the packed small-M kernels run; at or
 // above it, blocks of W are dequantized and BLAS does the GEMM (measured in
 // bench/bench_cpu.py). Must not exceed cpu::kMaxSmallM.
-constexpr int64_t kSmallMThreshold = 32;
+constexpr int64_t kSmallMThreshold = 64;
 
 inline int64_t cpu_chunk() { return kChunk; }
 
