@@ -61,8 +61,8 @@ ContiguousWeight contiguous_weight(const at::Tensor& packed, const at::Tensor& s
 // Rows of W dequantized per block in the large-M path: a block of float
 // weights stays a few MB so it is reused from cache by the GEMM.
 int64_t dequant_block_rows(int64_t K) {
-  const int64_t rows = (int64_t{4} << 20) / (4 * K);  // ~4 MB of float32
-  return std::max<int64_t>(64, std::min<int64_t>(1024, rows / 16 * 16));
+  const int64_t rows = (int64_t{1} << 20) / (4 * K);  // ~1 MB of float32: per-thread, L2-sized
+  return std::max<int64_t>(16, std::min<int64_t>(1024, rows / 16 * 16));
 }
 
 // Parallel dequantize of rows [n0, n1) into out (n1 - n0, K).
@@ -216,22 +216,29 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::
       k.forward_rows(w, xp, M, sp, bp, up, Bp, rank, yp, b0 * kRowBlock, std::min(N, b1 * kRowBlock));
     });
   } else {
-    // Large M: the GEMM's arithmetic dominates; dequantize a block of rows at
-    // a time into a reused float buffer and let BLAS do x @ W_blk^T.
+    // Large M: the GEMM's arithmetic dominates. One parallel region: each
+    // task dequantizes its own blocks of rows into a small float buffer and
+    // runs a single-threaded GEMM on it (BLAS inside a parallel region runs
+    // serially). One fork/join per call instead of two per block keeps this
+    // path steady on a busy machine.
     y = at::empty({M, N}, x2.options());
     const int64_t rows = dequant_block_rows(K);
-    auto wbuf = at::empty({std::min(rows, N), K}, x2.options());
-    for (int64_t n0 = 0; n0 < N; n0 += rows) {
-      const int64_t n1 = std::min(N, n0 + rows);
-      auto wb = wbuf.narrow(0, 0, n1 - n0);
-      dequantize_block(w, wb.data_ptr<float>(), n0, n1);
-      auto yb = y.narrow(1, n0, n1 - n0);
-      if (bias) {
-        at::addmm_out(yb, b.narrow(0, n0, n1 - n0), x2, wb.t());
-      } else {
-        at::mm_out(yb, x2, wb.t());
+    const int64_t nblocks = (N + rows - 1) / rows;
+    const auto& k = cpu::active_kernels();
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      auto wbuf = at::empty({std::min(rows, N), K}, x2.options());
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n0 = blk * rows, n1 = std::min(N, n0 + rows);
+        auto wb = wbuf.narrow(0, 0, n1 - n0);
+        k.dequantize_rows(w, wb.data_ptr<float>(), n0, n1);
+        auto yb = y.narrow(1, n0, n1 - n0);
+        if (bias) {
+          at::addmm_out(yb, b.narrow(0, n0, n1 - n0), x2, wb.t());
+        } else {
+          at::mm_out(yb, x2, wb.t());
+        }
       }
-    }
+    });
     if (adapter) y.addmm_(u, B.t());
   }
   return y.reshape(out_shape).to(x.scalar_type());
