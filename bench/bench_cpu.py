@@ -1,0 +1,540 @@
+#!/usr/bin/env python
+"""CPU forward time of ``qalora_ext.ops.qlinear`` beside float32 ``torch.nn.functional.linear``.
+
+Three tables, on stdout (progress goes to stderr):
+
+* **forward**: for every shape N x K, bits and M, the median time of our op
+  (no bias, no adapter) and of ``F.linear(x, W)`` in float32 on the same x,
+  the ratio F.linear / ours (> 1: ours is faster) and the bandwidth our op
+  reaches on its weight bytes (packed + scale + zero).
+* **adapter**: INT4 time with a random float32 (lora_A, lora_B) of rank r
+  against the same call without, as an overhead percentage.
+* **crossover**: time of the op (INT4 unless --crossover-bits) at M rows
+  around the small-M threshold (``kSmallMThreshold`` in csrc/ops_common.h:
+  below it the packed small-M kernel runs; at or above it blocks of W are
+  dequantized and BLAS does the GEMM), beside a Python stand-in for the
+  large-M path that runs at any M (an upper bound of its cost). Where the
+  stand-in beats the small-M kernel, the threshold is too high.
+
+Every timed call reads its weight from memory, not from cache: each series
+cycles through enough copies of its operands (> 64 MB, twice this machine's
+L3), and the series of a row are interleaved call by call. Each row is
+timed in --rounds visits spread over the run and its samples pooled: the
+tables give medians (min, p90 and per-round medians in --json) and the
+"spread" of the per-round medians, which shows a slow spell of a shared
+machine. A visit during which other processes used the CPUs is redone (see
+--retries); "others' cores" says how much they used.
+
+    python bench/bench_cpu.py                      # the default tables
+    python bench/bench_cpu.py --threads 1 --json bench/results/cpu_t1.json
+    python bench/bench_cpu.py --quick              # smoke run, few repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402  (bench/ is not a package)
+
+import qalora_ext  # noqa: E402
+from qalora_ext import ops  # noqa: E402
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        out = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {s!r}") from None
+    if not out or any(v <= 0 for v in out):
+        raise argparse.ArgumentTypeError(f"expected positive integers; got {s!r}")
+    return out
+
+
+def _shapes(s: str) -> list[tuple[int, int]]:
+    out = []
+    for item in s.split(","):
+        try:
+            n, k = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shapes are NxK (out x in features), e.g. 4096x4096; got {item!r}") \
+                from None
+        out.append((n, k))
+    return out
+
+
+TABLES = ("forward", "adapter", "crossover")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", type=_shapes, default=[(4096, 4096)], help="NxK,... (default 4096x4096)")
+    p.add_argument("--m", type=_int_list, default=[1, 16, 128], help="rows of x (default 1,16,128)")
+    p.add_argument("--bits", type=_int_list, default=[2, 3, 4], help="default 2,3,4")
+    p.add_argument("--group-size", type=int, default=32, help="default 32")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help=f"torch intra-op threads (default {torch.get_num_threads()})")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per row, all rounds together (default: 50 at M=1, 10-50 elsewhere to fit "
+                        "--budget)")
+    p.add_argument("--budget", type=float, default=1.5,
+                   help="seconds of timed calls per row (all rounds) when choosing repeats (default 1.5)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="times every row is visited, its repeats split among them (default 3; 1 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="3 repeats, 1 warm-up call, 1 round, no retries: a smoke run, not a measurement")
+    p.add_argument("--tables", default=",".join(TABLES), help=f"which tables (default {','.join(TABLES)})")
+    p.add_argument("--adapter-m", type=_int_list, default=[1, 128], help="default 1,128")
+    p.add_argument("--adapter-r", type=_int_list, default=[16, 64], help="default 16,64")
+    p.add_argument("--crossover-m", type=_int_list, default=None,
+                   help="on the first shape (default 1,2,4,8,12,16,24,32,48,64 and T-1, T for the built "
+                        "threshold T)")
+    p.add_argument("--crossover-bits", type=_int_list, default=[4], help="default 4")
+    p.add_argument("--retries", type=int, default=None,
+                   help="times a series is repeated when other processes used the CPUs meanwhile (default 3; "
+                        "0 with --quick)")
+    p.add_argument("--max-foreign", type=float, default=0.1,
+                   help="CPU cores other processes may use during a series before it counts as unclean "
+                        "(default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write every result as JSON")
+    a = p.parse_args(argv)
+    a.tables = [t.strip() for t in a.tables.split(",") if t.strip()]
+    for t in a.tables:
+        if t not in TABLES:
+            p.error(f"--tables: unknown table {t!r} (known: {', '.join(TABLES)})")
+    for b in a.bits + a.crossover_bits:
+        if b not in (2, 3, 4):
+            p.error(f"--bits/--crossover-bits: bits must be 2, 3 or 4; got {b}")
+    if a.group_size not in (32, 64, 128):
+        p.error(f"--group-size must be 32, 64 or 128; got {a.group_size}")
+    for n, k in a.shapes:
+        if k % a.group_size or n <= 0 or k <= 0:
+            p.error(f"--shapes: {n}x{k}: K must be a positive multiple of the group size {a.group_size}")
+    if a.crossover_m is None:
+        t = int(qalora_ext._C.SMALL_M_THRESHOLD)
+        a.crossover_m = sorted({1, 2, 4, 8, 12, 16, 24, 32, 48, 64, max(1, t - 1), t})
+    if a.retries is None:
+        a.retries = 0 if a.quick else 3
+    if a.rounds is None:
+        a.rounds = 1 if a.quick else 3
+    if a.rounds < 1:
+        p.error(f"--rounds must be >= 1; got {a.rounds}")
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1; got {a.threads}")
+    if a.repeats is not None and a.repeats < 1:
+        p.error(f"--repeats must be >= 1; got {a.repeats}")
+    return a
+
+
+# ---------------------------------------------------------------------------
+# Operands
+# ---------------------------------------------------------------------------
+
+
+def nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def quantized_copies(w: torch.Tensor, bits: int, group_size: int) -> tuple[list[tuple], int]:
+    """(packed, scale, zero) copies of w's RTN quantization, together > 64 MB; and bytes per copy."""
+    q = ops.quantize_rtn(w, bits, group_size)  # float16 scales, float32 zeros (the defaults)
+    per_copy = nbytes(*q)
+    n = _timing.rotation_copies(per_copy)
+    return [q] + [tuple(t.clone() for t in q) for _ in range(n - 1)], per_copy
+
+
+def float_copies(w: torch.Tensor) -> list[torch.Tensor]:
+    return [w] + [w.clone() for _ in range(_timing.rotation_copies(nbytes(w)) - 1)]
+
+
+# ---------------------------------------------------------------------------
+# Cases and the runner
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One row of a table: series timed interleaved, and how to turn their stats into the row."""
+
+    table: str
+    label: str
+    m: int
+    series: list[tuple[Callable[[int], object], int]]  # (call(copy index), number of copies)
+    finish: Callable[[list[_timing.Stats]], dict]
+    samples: list[list[float]] = field(default_factory=list)
+    round_medians: list[list[float]] = field(default_factory=list)
+    envs: list[dict] = field(default_factory=list)
+
+
+class Runner:
+    """Times every case once per round, so that a slow spell of the machine spoils one round, not a row.
+
+    Each case's samples of all rounds are pooled; its row reports their
+    median (and min, p90) and the spread of its per-round medians.
+    """
+
+    def __init__(self, args: argparse.Namespace, bar: tqdm):
+        self.args = args
+        self.bar = bar
+        self.warmup = 1 if args.quick else 3
+        self.unclean = 0
+
+    def repeats(self, m: int, estimate_s: float) -> int:
+        """Timed calls of one round."""
+        a = self.args
+        if a.repeats is not None:
+            total = a.repeats
+        elif a.quick:
+            total = 3
+        elif m == 1:
+            total = 50
+        else:
+            total = _timing.auto_repeats(estimate_s, a.budget, lo=10, hi=50)
+        return max(1, -(-total // a.rounds))
+
+    def time_case(self, case: Case, round_: int) -> None:
+        """One round of a case. A round during which other processes took more than --max-foreign cores
+        is thrown away and repeated (after waiting for a quiet second), up to --retries times; the last is
+        kept and the row is marked."""
+        a = self.args
+        waited = 0.0
+        for attempt in range(1, a.retries + 2):
+            retry = "" if attempt == 1 else f" (retry {attempt - 1}: machine busy)"
+            self.bar.set_postfix_str(f"round {round_ + 1}/{a.rounds}: {case.label}{retry}")
+            if attempt > 1:
+                waited += _timing.wait_until_quiet(max_cores=a.max_foreign)
+            mon = _timing.CpuMonitor()
+            est = sum(_timing.estimate_call_s(c, n) for c, n in case.series)
+            samples = _timing.time_rotating(case.series, self.repeats(case.m, est), self.warmup)
+            env = mon.result()
+            clean = not _timing.CpuMonitor.busy(env, a.max_foreign)
+            if clean:
+                break
+        env.update(clean=clean, attempts=attempt, waited_s=round(waited, 1))
+        if not case.samples:
+            case.samples = [[] for _ in case.series]
+        for pooled, s in zip(case.samples, samples):
+            pooled.extend(s)
+        case.round_medians.append([_timing.Stats.of(s).median_s for s in samples])
+        case.envs.append(env)
+        self.bar.update(1)
+
+    def run(self, cases: list[Case]) -> list[dict]:
+        for r in range(self.args.rounds):
+            for case in cases:
+                self.time_case(case, r)
+        rows = []
+        for case in cases:
+            row = case.finish([_timing.Stats.of(s) for s in case.samples])
+            first = [rm[0] for rm in case.round_medians]
+            clean = all(e["clean"] for e in case.envs)
+            self.unclean += not clean
+            row.update(table=case.table, rounds=len(case.round_medians), round_medians_s=case.round_medians,
+                       spread=max(first) / min(first), repeats=len(case.samples[0]), clean=clean,
+                       foreign_cores=max((e["foreign_cores"] or 0.0) for e in case.envs), envs=case.envs)
+            rows.append(row)
+        return rows
+
+
+def ms(s: float) -> str:
+    return f"{s * 1e3:.3f}"
+
+
+# ---------------------------------------------------------------------------
+# The cases of each table
+# ---------------------------------------------------------------------------
+
+
+def forward_cases(args, gen: torch.Generator) -> list[Case]:
+    G = args.group_size
+    cases = []
+    for n, k in args.shapes:
+        w = torch.randn(n, k, generator=gen) * 0.02
+        wf = float_copies(w)
+        xs = {m: torch.randn(m, k, generator=gen) for m in args.m}
+        for bits in args.bits:
+            qs, q_bytes = quantized_copies(w, bits, G)
+            for m in args.m:
+                x = xs[m]
+
+                def ours(i, x=x, qs=qs, bits=bits):
+                    p, s, z = qs[i]
+                    return ops.qlinear(x, p, s, z, bias=None, bits=bits, group_size=G)
+
+                def ref(i, x=x, wf=wf):
+                    return F.linear(x, wf[i])
+
+                def finish(st, n=n, k=k, bits=bits, m=m, q_bytes=q_bytes, w_bytes=nbytes(w),
+                           copies=(len(qs), len(wf))):
+                    so, sr = st
+                    return {"N": n, "K": k, "bits": bits, "group_size": G, "M": m,
+                            "ours": so.as_dict(), "f_linear": sr.as_dict(), "ratio": sr.median_s / so.median_s,
+                            "ours_weight_bytes": q_bytes, "ours_gbps": q_bytes / so.median_s / 1e9,
+                            "f_linear_weight_bytes": w_bytes, "f_linear_gbps": w_bytes / sr.median_s / 1e9,
+                            "copies_ours": copies[0], "copies_f_linear": copies[1]}
+
+                cases.append(Case("forward", f"{n}x{k} int{bits} M={m}", m, [(ours, len(qs)), (ref, len(wf))],
+                                  finish))
+    return cases
+
+
+def adapter_cases(args, gen: torch.Generator) -> list[Case]:
+    G, bits = args.group_size, 4
+    n, k = args.shapes[0]
+    L = k // G
+    w = torch.randn(n, k, generator=gen) * 0.02
+    qs, _ = quantized_copies(w, bits, G)
+    cases = []
+    for r in args.adapter_r:
+        ads = [(torch.randn(r, L, generator=gen) * 0.1, torch.randn(n, r, generator=gen) * 0.1) for _ in qs]
+        for m in args.adapter_m:
+            x = torch.randn(m, k, generator=gen)
+
+            def base(i, x=x):
+                p, s, z = qs[i]
+                return ops.qlinear(x, p, s, z, bits=bits, group_size=G)
+
+            def with_adapter(i, x=x, ads=ads):
+                p, s, z = qs[i]
+                a, b = ads[i]
+                return ops.qlinear(x, p, s, z, lora_A=a, lora_B=b, scaling=2.0, bits=bits, group_size=G)
+
+            def finish(st, m=m, r=r):
+                sb, sa = st
+                return {"N": n, "K": k, "bits": bits, "group_size": G, "M": m, "r": r,
+                        "base": sb.as_dict(), "adapter": sa.as_dict(),
+                        "overhead_pct": (sa.median_s / sb.median_s - 1) * 100}
+
+            cases.append(Case("adapter", f"adapter r={r} M={m}", m, [(base, len(qs)), (with_adapter, len(qs))],
+                              finish))
+    return cases
+
+
+def dequant_block_rows(k: int) -> int:
+    """The block height of the op's large-M path (csrc/ops.cpp, dequant_block_rows)."""
+    rows = (4 << 20) // (4 * k)
+    return max(64, min(1024, rows // 16 * 16))
+
+
+def large_path_replica(x, p, s, z, bits: int, G: int, dequant_only: bool = False) -> torch.Tensor:
+    """A Python stand-in for the op's large-M path, runnable at any M: dequantize blocks of
+    rows, then y[:, block] = x @ W_blk^T, each step a separate parallel call. The op itself
+    does both inside one parallel region (csrc/ops.cpp) and is faster, so this is an upper
+    bound of the large path's cost."""
+    n = p.shape[0]
+    rows = dequant_block_rows(s.shape[1] * G)
+    y = torch.empty(x.shape[0], n)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        wb = ops.dequantize(p[n0:n1], s[n0:n1], z[n0:n1], bits, G)
+        if not dequant_only:
+            torch.mm(x, wb.t(), out=y[:, n0:n1])
+    return y
+
+
+def crossover_cases(args, gen: torch.Generator, bits: int) -> list[Case]:
+    G = args.group_size
+    n, k = args.shapes[0]
+    threshold = int(qalora_ext._C.SMALL_M_THRESHOLD)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    qs, _ = quantized_copies(w, bits, G)
+
+    # The replica must compute what the op's large path computes.
+    x16 = torch.randn(max(threshold, 1), k, generator=gen)
+    torch.testing.assert_close(large_path_replica(x16, *qs[0], bits, G),
+                               ops.qlinear(x16, *qs[0], bits=bits, group_size=G), rtol=1e-4, atol=1e-4)
+
+    def dq(i):
+        return large_path_replica(x16[:1], *qs[i], bits, G, dequant_only=True)
+
+    cases = [Case(f"crossover{bits}", f"crossover int{bits} dequant only", 2, [(dq, len(qs))],
+                  lambda st: {"bits": bits, "M": None, "dequant_only": st[0].as_dict()})]
+    for m in args.crossover_m:
+        x = torch.randn(m, k, generator=gen)
+
+        def op(i, x=x):
+            p, s, z = qs[i]
+            return ops.qlinear(x, p, s, z, bits=bits, group_size=G)
+
+        def replica(i, x=x):
+            return large_path_replica(x, *qs[i], bits, G)
+
+        def finish(st, m=m):
+            so, sr = st
+            return {"N": n, "K": k, "bits": bits, "group_size": G, "M": m, "threshold_built": threshold,
+                    "op_path": "small-M kernel" if m < threshold else "dequant+BLAS",
+                    "op": so.as_dict(), "large_path_replica": sr.as_dict()}
+
+        cases.append(Case(f"crossover{bits}", f"crossover int{bits} M={m}", m, [(op, len(qs)), (replica, len(qs))],
+                          finish))
+    return cases
+
+
+def crossover_summary(rows: list[dict]) -> dict:
+    """One bits' crossover rows -> the table's data and the smallest M at which the large path wins."""
+    dq = next(r for r in rows if r["M"] is None)
+    body = [r for r in rows if r["M"] is not None]
+    threshold = body[0]["threshold_built"]
+    best = None
+    for r in body:
+        if r["M"] >= threshold or r["large_path_replica"]["median_s"] <= r["op"]["median_s"]:
+            best = r["M"]
+            break
+    return {"N": body[0]["N"], "K": body[0]["K"], "bits": dq["bits"], "threshold_built": threshold,
+            "dequant_block_rows": dequant_block_rows(body[0]["K"]), "dequant_only": dq["dequant_only"],
+            "rows": body, "suggested_threshold": best}
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+BUSY = "others' cores"
+
+
+def busy(r: dict) -> str:
+    """Cores other processes used while the row was timed (the worst round); '!' marks a row kept busy."""
+    return f"{r['foreign_cores']:.2f}" + ("" if r["clean"] else "!")
+
+
+def forward_table(rows: list[dict]) -> str:
+    return _timing.markdown_table(
+        ["N x K", "bits", "M", "ours ms", "F.linear ms", "F.linear/ours", "ours GB/s", "F.linear GB/s", "spread",
+         BUSY],
+        [[f"{r['N']}x{r['K']}", r["bits"], r["M"], ms(r["ours"]["median_s"]), ms(r["f_linear"]["median_s"]),
+          f"{r['ratio']:.2f}", f"{r['ours_gbps']:.1f}", f"{r['f_linear_gbps']:.1f}", f"{r['spread']:.2f}x", busy(r)]
+         for r in rows])
+
+
+def adapter_table(rows: list[dict]) -> str:
+    return _timing.markdown_table(
+        ["N x K", "bits", "M", "r", "no adapter ms", "with adapter ms", "overhead", "spread", BUSY],
+        [[f"{r['N']}x{r['K']}", r["bits"], r["M"], r["r"], ms(r["base"]["median_s"]), ms(r["adapter"]["median_s"]),
+          f"{r['overhead_pct']:+.1f}%", f"{r['spread']:.2f}x", busy(r)] for r in rows])
+
+
+def crossover_table(c: dict) -> str:
+    return _timing.markdown_table(
+        ["M", "op path", "op ms", "op ms/row", "large-path replica ms", "replica ms/row", "replica/op", "spread",
+         BUSY],
+        [[r["M"], r["op_path"], ms(r["op"]["median_s"]), ms(r["op"]["median_s"] / r["M"]),
+          ms(r["large_path_replica"]["median_s"]), ms(r["large_path_replica"]["median_s"] / r["M"]),
+          f"{r['large_path_replica']['median_s'] / r['op']['median_s']:.2f}", f"{r['spread']:.2f}x", busy(r)]
+         for r in c["rows"]])
+
+
+def build_id() -> dict:
+    """Which build of the extension ran: its file's hash and time, and the git state of its sources.
+
+    Kernels change often; a table means little without the build it measured.
+    """
+    so = qalora_ext._C.__file__
+    with open(so, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    out = {"_C_sha256": digest,
+           "_C_mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(so)))}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "csrc", "CMakeLists.txt"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.split("\n")
+        out["git_head"] = head
+        out["sources_modified"] = ";".join(line[3:] for line in dirty if line.strip()) or "none"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    info = _timing.machine_info(qalora_ext=qalora_ext.__version__,
+                                cpu_isa=qalora_ext.build_info()["cpu_isa_active"],
+                                small_m_threshold=int(qalora_ext._C.SMALL_M_THRESHOLD))
+    info.update(build_id())
+
+    load0, monitor = _timing.load_average(), _timing.CpuMonitor()
+    t0 = time.perf_counter()
+    cases: list[Case] = []
+    if "forward" in args.tables:
+        cases += forward_cases(args, gen)
+    if "adapter" in args.tables:
+        cases += adapter_cases(args, gen)
+    if "crossover" in args.tables:
+        for b in args.crossover_bits:
+            cases += crossover_cases(args, gen, b)
+    with tqdm(total=len(cases) * args.rounds, file=sys.stderr, desc="bench_cpu", dynamic_ncols=True) as bar:
+        run = Runner(args, bar)
+        rows = run.run(cases)
+
+    results = {"machine": info, "config": {k: v for k, v in vars(args).items() if k != "json"}}
+    results["forward"] = [r for r in rows if r["table"] == "forward"]
+    results["adapter"] = [r for r in rows if r["table"] == "adapter"]
+    results["crossover"] = [crossover_summary([r for r in rows if r["table"] == f"crossover{b}"])
+                            for b in args.crossover_bits if "crossover" in args.tables]
+    results["wall_s"] = time.perf_counter() - t0
+    whole = results["whole_run"] = monitor.result()
+    results["load_avg_at_start"] = load0
+    results["unclean_rows"] = run.unclean
+
+    out = [f"machine: {_timing.machine_line(info)}",
+           f"group size {args.group_size}; x float32; ours: qalora_ext.ops.qlinear (RTN weights, float16 scales, "
+           f"float32 zeros, no bias); reference: torch.nn.functional.linear float32; weights rotated through "
+           f"> 64 MB of copies; times: medians of {args.rounds} round(s) pooled; spread: slowest / fastest "
+           f"round's median of the first column" + ("; --quick: NOT a measurement" if args.quick else "")]
+    if results["forward"]:
+        out += ["", "## forward (F.linear/ours > 1: ours faster; GB/s = weight bytes read / median time)", "",
+                forward_table(results["forward"])]
+    if results["adapter"]:
+        out += ["", "## adapter overhead (INT4; lora_A (r, K/G), lora_B (N, r) float32)", "",
+                adapter_table(results["adapter"])]
+    for c in results["crossover"]:
+        out += ["", f"## small-M / large-M crossover (INT{c['bits']} {c['N']}x{c['K']}; built threshold "
+                    f"{c['threshold_built']}: the op runs the small-M kernel for M < {c['threshold_built']})", "",
+                crossover_table(c), "",
+                f"dequantize alone ({c['dequant_block_rows']}-row blocks, no GEMM): "
+                f"{ms(c['dequant_only']['median_s'])} ms; "
+                f"smallest measured M where the large path is no slower: {c['suggested_threshold']}"]
+    load = "?" if load0 is None else f"{load0:.2f}"
+    out += ["", f"wall time {results['wall_s']:.0f} s; load average at start {load}; CPU time of other processes "
+                f"during the run {whole['foreign_cpu_s']} s (retries and waits included), stolen by the host "
+                f"{whole['steal_s']} s; \"{BUSY}\": their share while the row was timed (worst round)"]
+    if run.unclean:
+        msg = (f"WARNING: {run.unclean} row(s) marked '!' were timed while other processes used more than "
+               f"{args.max_foreign} cores even after {args.retries} retries; their times are inflated. "
+               "Repeat on a quiet machine.")
+        out.append(msg)
+        print(msg, file=sys.stderr)
+    print("\n".join(out))
+
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1, default=str)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
