@@ -20,6 +20,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = QALORA_VERSION;
   m.attr("LAYOUT_CANONICAL") = qalora::kLayoutCanonical;
   m.attr("SMALL_M_THRESHOLD") = qalora::kSmallMThreshold;
+  m.attr("SMALL_M_THRESHOLD_GRAD") = qalora::kSmallMThresholdGrad;
 #if defined(QALORA_WITH_CUDA)
   m.attr("WITH_CUDA") = true;
 #else

@@ -17,6 +17,9 @@ namespace {
 
 using cpu::PackedView;
 
+static_assert(kSmallMThreshold <= cpu::kMaxSmallM && kSmallMThresholdGrad <= cpu::kMaxSmallM,
+              "the small-M kernels keep at most kMaxSmallM rows of accumulators");
+
 StoreType store_type_of(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
     case at::kFloat: return StoreType::kFloat32;
@@ -274,7 +277,7 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
   }
 
   at::Tensor gx;
-  if (M < kSmallMThreshold) {
+  if (M < kSmallMThresholdGrad) {
     gx = at::empty({M, K}, gy.options());
     auto gyT = gy.t().contiguous();
     const float* gp = gyT.data_ptr<float>();

@@ -16,6 +16,10 @@ namespace qalora {
 // above it, blocks of W are dequantized and BLAS does the GEMM (measured in
 // bench/bench_cpu.py). Must not exceed cpu::kMaxSmallM.
 constexpr int64_t kSmallMThreshold = 64;
+// The same choice for grad_input (grad_out rows): its packed kernel is an
+// axpy per (row, group), slower per row than the forward's, so BLAS takes
+// over sooner (bench: INT4 4096x4096, 2 threads).
+constexpr int64_t kSmallMThresholdGrad = 10;
 
 inline int64_t cpu_chunk() { return kChunk; }
 

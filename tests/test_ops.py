@@ -15,6 +15,7 @@ from conftest import quantized, rel_err
 BITS = (2, 3, 4)
 GROUPS = (32, 64, 128)
 T = _C.SMALL_M_THRESHOLD  # rows below: packed kernels; at or above: dequantize + GEMM
+TG = _C.SMALL_M_THRESHOLD_GRAD  # the same for grad_input
 ISAS = [isa for isa in _C.compiled_cpu_isas().split(",")]
 
 
@@ -66,7 +67,7 @@ def test_qlinear_forward_matches_reference(bits, group_size, lead):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("lead", [(1,), (3,), (2, 7), (T - 1,), (T,), (33,)])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 7), (TG - 1,), (TG,), (T - 1,), (T,), (33,)])
 def test_qlinear_grad_input_matches_reference(bits, group_size, lead):
     n, k = 96, _k_for(group_size)
     packed, scale, zero, W = quantized(n, k, bits, group_size)
@@ -82,7 +83,7 @@ def test_qlinear_grad_input_matches_reference(bits, group_size, lead):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("m", (1, 5, T - 1, T, 2 * T + 3))
+@pytest.mark.parametrize("m", sorted({1, 5, TG - 1, TG, T - 1, T, 2 * T + 3}))
 def test_every_isa_matches_reference(isa, bits, m):
     """Each compiled instruction set (scalar fallback included) on both sides of the M threshold."""
     assert _C.get_cpu_isa() == isa
@@ -169,7 +170,7 @@ def test_empty_batch_and_non_contiguous_input():
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("lead", [(1,), (2, 3), (T + 2,)])
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (TG + 2,), (T + 2,)])
 @pytest.mark.parametrize("with_mask", (False, True))
 def test_autograd_matches_reference(bits, lead, with_mask):
     n, k, g = 80, 256, 32
