@@ -30,6 +30,12 @@ __all__ = [
 
 
 def _check_devices(op: str, ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    if ref.device.type == "cuda" and not _C.WITH_CUDA:
+        raise RuntimeError(
+            f"{op}: the input is on {ref.device}, but this build of qalora_ext has no CUDA kernels "
+            "(it was built without a CUDA toolkit or against a CPU-only torch); run on the CPU or rebuild "
+            "with QALORA_CUDA=ON"
+        )
     for name, t in tensors.items():
         if t is not None and t.device != ref.device:
             raise ValueError(f"{op}: {name} is on {t.device} but the input is on {ref.device}; move them to one device")
