@@ -108,6 +108,9 @@ def test_roundtrip_into_fresh_float_model(tmp_path, bits, adapters):
     loaded = qe.load_quantized(out, Tiny())  # a fresh float model with other random weights
     assert not loaded.training
     assert loaded.lm_head.weight is loaded.embed.weight
+    trainable = sorted(n for n, p in loaded.named_parameters() if p.requires_grad)
+    if adapters:  # ready to resume training: as after add_adapters, only the adapters train
+        assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     assert torch.equal(_out(loaded, ids), y)
     for name in ("up", "mid", "down"):
         got, want = loaded.get_submodule(name), model.get_submodule(name)

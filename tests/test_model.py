@@ -92,6 +92,8 @@ def test_add_train_merge_model():
     assert len(trainable) == 2 * len(_quant_names(model, QALoRALinear)) == 12
     with pytest.raises(ValueError, match="no quantized layer matched"):
         qalora_ext.add_adapters(model, target_modules=["missing"])
+    with pytest.raises(ValueError, match="already has an adapter"):
+        qalora_ext.add_adapters(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 50, (4, 12))
     for _ in range(5):

@@ -46,6 +46,7 @@ from torch import nn
 
 from .format import FORMAT_VERSION, KNOWN_LAYOUTS, LAYOUT_CANONICAL
 from .nn import QALoRALinear, QuantLinear
+from .model import freeze_all_but_adapters
 
 __all__ = [
     "save_quantized",
@@ -850,6 +851,10 @@ def load_quantized(directory: PathLike, model: Optional[nn.Module] = None, devic
         if got != (entry["scale_dtype"], entry["zero_dtype"]):
             raise CheckpointError(f"layer {name!r}: stored scale/zero dtypes {got} differ from the config's "
                                   f"{(entry['scale_dtype'], entry['zero_dtype'])}")
+    if any(isinstance(m, QALoRALinear) for m in model.modules()):
+        # As after add_adapters: only the adapters train (freshly built modules
+        # and load_state_dict(assign=True) leave every parameter trainable).
+        freeze_all_but_adapters(model)
     model.to(device)
     return model.eval()
 
@@ -1014,4 +1019,5 @@ def load_adapter(model: nn.Module, directory: PathLike, *, verify: bool = True) 
                 new.lora_B.copy_(B.to(dev, torch.float32))
             new.train(layer.training)
             _set_child(model, name, new)
+    freeze_all_but_adapters(model)
     return model

@@ -16,7 +16,7 @@ from torch import nn
 from .format import check_bits, check_group_size
 from .nn import QALoRALinear, QuantLinear
 
-__all__ = ["quantize_model", "add_adapters", "merge_adapters", "find_output_heads"]
+__all__ = ["quantize_model", "add_adapters", "merge_adapters", "find_output_heads", "freeze_all_but_adapters"]
 
 TargetModules = Optional[Union[str, Iterable[str]]]
 
@@ -120,14 +120,24 @@ def add_adapters(
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and _matches(n, target_modules)]
     # A QuantLinear already inside an adapter is not wrapped twice.
     wrapped = {n + ".base" for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
-    names = [n for n in names if n not in wrapped]
+    unwrapped = [n for n in names if n not in wrapped]
+    if names and not unwrapped:
+        raise ValueError("add_adapters: every matching quantized layer already has an adapter")
+    names = unwrapped
     if not names:
         raise ValueError("add_adapters: no quantized layer matched; call quantize_model first"
                          + (f" (target_modules={target_modules!r})" if target_modules is not None else ""))
-    for p in model.parameters():
-        p.requires_grad_(False)
     for name in names:
         _set_child(model, name, QALoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora))
+    freeze_all_but_adapters(model)
+    return model
+
+
+def freeze_all_but_adapters(model: nn.Module) -> nn.Module:
+    """``requires_grad`` only on the adapters' ``lora_A`` / ``lora_B`` (QA-LoRA trains nothing else)."""
+    adapter_params = {id(p) for m in model.modules() if isinstance(m, QALoRALinear) for p in (m.lora_A, m.lora_B)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapter_params)
     return model
 
 
