@@ -21,7 +21,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("LAYOUT_CANONICAL") = qalora::kLayoutCanonical;
   m.attr("SMALL_M_THRESHOLD") = qalora::kSmallMThreshold;
   m.attr("SMALL_M_THRESHOLD_GRAD") = qalora::kSmallMThresholdGrad;
-#if defined(QALORA_WITH_CUDA)
+#if defined(QALORA_CUDA_KERNELS)
   m.attr("WITH_CUDA") = true;
 #else
   m.attr("WITH_CUDA") = false;

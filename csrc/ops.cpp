@@ -115,6 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn_cpu(const at::Tensor
   });
   TORCH_CHECK_VALUE(at::isfinite(scale).all().item<bool>(), "a group's scale (max - min) / ", (1 << bits) - 1,
                     " overflows ", scale_dtype, "; store scales as float32 (scale_dtype=torch.float32)");
+  TORCH_CHECK_VALUE(at::isfinite(zero).all().item<bool>(), "a group's zero (its minimum) overflows ", zero_dtype,
+                    "; store zeros as float32 (zero_dtype=torch.float32)");
   return {packed, scale, zero};
 }
 
@@ -179,7 +181,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::
   check_same_device(x, {&packed, &scale, &zero}, "qlinear");
   const bool adapter = check_adapter(lora_A, lora_B, N, L, x);
   check_bias(bias, N, x);
-  check_pool_mask(pool_mask, x, L);
+  check_pool_mask(pool_mask, x, L, adapter);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -260,7 +262,7 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
   const bool adapter = check_adapter(lora_A, lora_B, N, L, grad_out);
   std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
   out_shape.back() = K;
-  check_pool_mask(pool_mask, grad_out, L);
+  check_pool_mask(pool_mask, grad_out, L, adapter);
   const int64_t M = grad_out.numel() / N;
   if (M == 0) return at::zeros(out_shape, grad_out.options());
 

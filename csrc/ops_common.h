@@ -121,8 +121,10 @@ inline void check_bias(const std::optional<at::Tensor>& bias, int64_t N, const a
                     x.device());
 }
 
-inline void check_pool_mask(const std::optional<at::Tensor>& mask, const at::Tensor& x, int64_t L) {
+inline void check_pool_mask(const std::optional<at::Tensor>& mask, const at::Tensor& x, int64_t L,
+                            bool adapter) {
   if (!mask) return;
+  TORCH_CHECK_VALUE(adapter, "pool_mask is the adapter's dropout mask; it needs lora_A and lora_B");
   std::vector<int64_t> want(x.sizes().begin(), x.sizes().end());
   want.back() = L;
   TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(want), "pool_mask must have shape ", at::IntArrayRef(want),

@@ -20,9 +20,13 @@ if [ ! -x "$PY" ]; then
 fi
 PIP=("$PY" -m pip --disable-pip-version-check)
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+# A torch already in the environment (a CUDA build, say) is kept if it is new
+# enough for the extension (>= 2.11); otherwise TORCH_SPEC is installed. On
+# this project's machines torch==2.13.0 resolves to the CPU build on local
+# disk; elsewhere QALORA_TORCH_INDEX can name a CPU wheel index.
+if ! "$PY" -c "import sys, torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 11))" 2>/dev/null; then
   log "installing $TORCH_SPEC"
-  "${PIP[@]}" install --quiet "$TORCH_SPEC"
+  "${PIP[@]}" install --quiet ${QALORA_TORCH_INDEX:+--index-url "$QALORA_TORCH_INDEX"} "$TORCH_SPEC"
 else
   log "keeping torch $("$PY" -c 'import torch; print(torch.__version__)')"
 fi

@@ -147,6 +147,13 @@ def test_scale_overflow_in_float16_is_an_error():
     ops.quantize_rtn(w, 2, 32, torch.float32)  # float32 scales hold it
 
 
+def test_zero_overflow_in_float16_is_an_error():
+    w = random_weight(2, 32)
+    w[1, 3] = -1e6
+    with pytest.raises(ValueError, match="zero .* overflows"):
+        ops.quantize_rtn(w, 4, 32, torch.float32, torch.float16)
+
+
 def test_weight_shape_and_dtype_errors():
     with pytest.raises(ValueError, match="2-D"):
         ops.quantize_rtn(torch.randn(64), 4, 32)

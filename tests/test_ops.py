@@ -4,6 +4,8 @@ opcheck, torch.compile, meta tensors, and bad input."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -84,11 +86,14 @@ def test_qlinear_grad_input_matches_reference(bits, group_size, lead):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("m", sorted({1, 5, TG - 1, TG, T - 1, T, 2 * T + 3}))
-def test_every_isa_matches_reference(isa, bits, m):
-    """Each compiled instruction set (scalar fallback included) on both sides of the M threshold."""
+@pytest.mark.parametrize("store", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                   (torch.float32, torch.float16)])
+def test_every_isa_matches_reference(isa, bits, m, store):
+    """Each compiled instruction set (scalar fallback included) on both sides of the M thresholds,
+    with every scale/zero storage dtype (each has its own load path in the kernels)."""
     assert _C.get_cpu_isa() == isa
     n, k, g = 136, 640, 64
-    packed, scale, zero, W = quantized(n, k, bits, g, scale_dtype=torch.bfloat16)
+    packed, scale, zero, W = quantized(n, k, bits, g, scale_dtype=store[0], zero_dtype=store[1])
     A, B = _adapter(n, k // g)
     x = torch.randn(m, k)
     y = ops.qlinear(x, packed, scale, zero, None, A, B, None, 2.0, bits=bits, group_size=g)
@@ -269,6 +274,36 @@ def test_torch_compile_matches_eager():
 
 
 # ---- bad input ---------------------------------------------------------------
+
+
+def test_raw_ops_reject_mixed_devices_and_bad_arguments():
+    """The raw torch.ops (no Python wrapper) check too: the fake kernel runs whenever any argument is on meta."""
+    packed, scale, zero, _ = quantized(64, 128, 4, 32)
+    A, B = _adapter(64, 4)
+    x = torch.randn(2, 128)
+    op = torch.ops.qalora
+    with pytest.raises(ValueError, match="packed is on meta but the input is on cpu"):
+        op.qlinear(x, packed.to("meta"), scale.to("meta"), zero.to("meta"), None, None, None, None, 1.0, 4, 32, 1)
+    with pytest.raises(ValueError, match="on meta"):
+        op.qlinear_grad_input(torch.randn(2, 64), packed, scale.to("meta"), zero, None, None, None, 1.0, 4, 32, 1)
+    with pytest.raises(ValueError, match="needs lora_A and lora_B"):
+        op.qlinear(x, packed, scale, zero, None, None, None, torch.ones(2, 4), 1.0, 4, 32, 1)
+    with pytest.raises(ValueError, match="last dimension 128"):
+        op.qlinear(torch.randn(2, 96), packed, scale, zero, None, A, B, None, 1.0, 4, 32, 1)
+    with pytest.raises(TypeError, match="float32 or bfloat16 on CPU"):
+        op.qlinear(x.half(), packed, scale, zero, None, None, None, None, 1.0, 4, 32, 1)
+    with pytest.raises(ValueError, match="layout id 3"):
+        op.qlinear(x, packed, scale, zero, None, None, None, None, 1.0, 4, 32, 3)
+
+
+def test_cpu_isa_environment_variable_and_cli():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, QALORA_CPU_ISA="scalar")
+    out = subprocess.run([sys.executable, "-m", "qalora_ext", "info"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert "cpu_isa_active: scalar" in out and "packed_layout: 1" in out
 
 
 def test_qlinear_bad_input_messages():

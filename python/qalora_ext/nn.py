@@ -164,6 +164,9 @@ class QuantLinear(nn.Module):
         xk = _kernel_input(x)
         y = ops.qlinear(xk, self.packed, self.scale, self.zero, self.bias, lora_A, lora_B, pool_mask, scaling,
                         bits=self.bits, group_size=self.group_size, layout=self.layout)
+        # SPEC: the output has x's dtype (under autocast: the autocast dtype).
+        if xk is not x and not torch.is_autocast_enabled(x.device.type):
+            y = y.to(x.dtype)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

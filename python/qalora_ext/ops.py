@@ -174,16 +174,32 @@ def _dequantize_fake(packed, scale, zero, bits, group_size, layout):
     return packed.new_empty((packed.shape[0], scale.shape[1] * group_size), dtype=torch.float32)
 
 
+def _fake_checks(op, x, features, packed, scale, zero, lora_A, lora_B, pool_mask, bias=None):
+    # The fake kernel also runs when only SOME arguments are on the meta
+    # device; without these checks a CPU input would get an uninitialized
+    # CPU result instead of an error.
+    for name, t in (("packed", packed), ("scale", scale), ("zero", zero), ("bias", bias), ("lora_A", lora_A),
+                    ("lora_B", lora_B), ("pool_mask", pool_mask)):
+        if t is not None:
+            torch._check_value(t.device == x.device,
+                               lambda: f"{op}: {name} is on {t.device} but the input is on {x.device}")
+    torch._check_value(x.shape[-1] == features,
+                       lambda: f"{op}: input must have last dimension {features}; got {tuple(x.shape)}")
+    torch._check_value((lora_A is None) == (lora_B is None), lambda: "lora_A and lora_B must be given together")
+    torch._check_value(pool_mask is None or lora_A is not None,
+                       lambda: "pool_mask is the adapter's dropout mask; it needs lora_A and lora_B")
+
+
 @torch.library.register_fake("qalora::qlinear")
 def _qlinear_fake(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout):
-    torch._check(x.shape[-1] == scale.shape[1] * group_size,
-                 lambda: f"x must have last dimension {scale.shape[1] * group_size}; got {tuple(x.shape)}")
+    _fake_checks("qlinear", x, scale.shape[1] * group_size, packed, scale, zero, lora_A, lora_B, pool_mask, bias)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 @torch.library.register_fake("qalora::qlinear_grad_input")
 def _qlinear_grad_input_fake(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, scaling, bits, group_size,
                              layout):
+    _fake_checks("qlinear_grad_input", grad_out, packed.shape[0], packed, scale, zero, lora_A, lora_B, pool_mask)
     return grad_out.new_empty((*grad_out.shape[:-1], scale.shape[1] * group_size))
 
 
