@@ -129,3 +129,19 @@ def test_quantize_rtn_reproduces_gguf(reader, name):
     )
     assert torch.equal(scale, d), f"{name}: {int((scale != d).sum())} scales differ"
     assert torch.equal(zero, m.float()), f"{name}: {int((zero != m.float()).sum())} zeros differ"
+
+
+def test_quantize_rtn_reproduces_all_210_projections(reader):
+    """The same exactness over every decoder projection of the model (about 1 s)."""
+    from qalora_ext import ops
+
+    names = list_q4_1_projections(reader)
+    assert len(names) == 210
+    bad = []
+    for name in names:
+        q, d, m = read_q4_1(reader, name)
+        packed, scale, zero = ops.quantize_rtn(dequantize_q4_1(q, d, m), 4, 32, torch.float16, torch.float32)
+        codes = ops.unpack(packed, 4, q.shape[1])
+        if not (torch.equal(codes, q) and torch.equal(scale, d) and torch.equal(zero, m.float())):
+            bad.append(name)
+    assert not bad, f"{len(bad)} projections differ from GGUF: {bad[:5]}"
