@@ -46,6 +46,7 @@ from torch import nn
 
 from .format import FORMAT_VERSION, KNOWN_LAYOUTS, LAYOUT_CANONICAL
 from .nn import QALoRALinear, QuantLinear
+from .model import set_module
 from .model import freeze_all_but_adapters
 
 __all__ = [
@@ -130,20 +131,12 @@ def _dtype_from_name(name: Any, what: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _scaling(rank: int, alpha: float, use_rslora: bool) -> float:
-    # Must match QALoRALinear.__init__; used where a layer's hyper-parameters
-    # are changed in place and the module does not recompute it.
-    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
-
-
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
     try:
-        parent = model.get_submodule(parent_name) if parent_name else model
+        set_module(model, name, new)
     except AttributeError as e:
-        raise CheckpointError(f"the model has no module {parent_name!r} (needed for layer {name!r}): "
+        raise CheckpointError(f"the model has no parent module for layer {name!r}: "
                               f"is it the same architecture as the checkpoint?") from e
-    setattr(parent, child, new)
 
 
 def _get_module(model: nn.Module, name: str) -> Optional[nn.Module]:
@@ -996,7 +989,8 @@ def load_adapter(model: nn.Module, directory: PathLike, *, verify: bool = True) 
         if tuple(A.shape) != wantA or tuple(B.shape) != wantB:
             raise CheckpointError(f"load_adapter: layer {name!r}: adapter shapes A {tuple(A.shape)}, B {tuple(B.shape)} "
                                   f"do not fit the layer (expected A {wantA}, B {wantB})")
-        if "scaling" in lc and not math.isclose(_scaling(rank, lc["alpha"], lc["use_rslora"]), float(lc["scaling"]),
+        want_scaling = QALoRALinear.scaling_for(rank, lc["alpha"], lc["use_rslora"])
+        if "scaling" in lc and not math.isclose(want_scaling, float(lc["scaling"]),
                                                 rel_tol=1e-6):
             raise CheckpointError(f"{cfg_path}: layer {name!r}: scaling {lc['scaling']} does not match alpha/rank")
         if lc.get("bits") is not None and lc["bits"] != base.bits:

@@ -31,7 +31,7 @@ def _matches(name: str, target_modules: TargetModules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -99,7 +99,7 @@ def quantize_model(
 
     for name in tqdm(todo, desc=f"quantize INT{bits} G{group_size}", disable=not progress or None, leave=False):
         layer = model.get_submodule(name)
-        _set_child(model, name, QuantLinear.from_linear(layer, bits, group_size, scale_dtype, zero_dtype))
+        set_module(model, name, QuantLinear.from_linear(layer, bits, group_size, scale_dtype, zero_dtype))
     return model
 
 
@@ -128,7 +128,7 @@ def add_adapters(
         raise ValueError("add_adapters: no quantized layer matched; call quantize_model first"
                          + (f" (target_modules={target_modules!r})" if target_modules is not None else ""))
     for name in names:
-        _set_child(model, name, QALoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora))
+        set_module(model, name, QALoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora))
     freeze_all_but_adapters(model)
     return model
 
@@ -154,7 +154,7 @@ def merge_adapters(model: nn.Module) -> dict[str, float]:
         for name in names:
             merged = model.get_submodule(name).merge()
             report[name] = merged.merge_lost_fraction
-            _set_child(model, name, merged)
+            set_module(model, name, merged)
     bad = {n: f for n, f in report.items() if f > 0.01}
     if bad:
         worst = max(bad, key=bad.get)

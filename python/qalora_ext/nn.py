@@ -221,10 +221,14 @@ class QALoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(quant_linear.out_features, rank, dtype=torch.float32, device=device))
         self.reset_adapter()
 
+    @staticmethod
+    def scaling_for(rank: int, alpha: float, use_rslora: bool) -> float:
+        """``s = alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA (SPEC)."""
+        return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
     @property
     def scaling(self) -> float:
-        """``s = alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA (SPEC)."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return self.scaling_for(self.rank, self.alpha, self.use_rslora)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32, rank: int = 16, alpha: float = 16,
