@@ -175,6 +175,10 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::
                        const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
                        const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits, int64_t group_size,
                        int64_t layout) {
+  // Registered below autograd (qlinear's gradient is its own op), so the ATen
+  // calls inside must not record autograd either: x or the adapter may
+  // require grad, and mm_out refuses such inputs.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_quant_weight(packed, scale, zero, bits, group_size, layout);
   const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
   check_activation(x, K, "x");
@@ -255,6 +259,10 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
                                   const std::optional<at::Tensor>& lora_B,
                                   const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits,
                                   int64_t group_size, int64_t layout) {
+  // Registered below autograd (qlinear's gradient is its own op), so the ATen
+  // calls inside must not record autograd either: x or the adapter may
+  // require grad, and mm_out refuses such inputs.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_quant_weight(packed, scale, zero, bits, group_size, layout);
   const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
   check_activation(grad_out, N, "grad_out");
