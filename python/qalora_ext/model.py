@@ -16,7 +16,7 @@ from torch import nn
 from .format import check_bits, check_group_size
 from .nn import QALoRALinear, QuantLinear
 
-__all__ = ["quantize_model", "add_adapters", "merge_adapters", "find_output_heads", "freeze_all_but_adapters"]
+__all__ = ["quantize_model", "quantization_targets", "set_module", "add_adapters", "merge_adapters", "find_output_heads", "freeze_all_but_adapters"]
 
 TargetModules = Optional[Union[str, Iterable[str]]]
 
@@ -56,6 +56,27 @@ def find_output_heads(model: nn.Module) -> set[str]:
     return heads
 
 
+def quantization_targets(model: nn.Module, group_size: int,
+                         target_modules: TargetModules = None) -> tuple[list[str], list[str]]:
+    """``(names to quantize, descriptions of layers skipped for in_features % group_size)``.
+
+    ``target_modules=None``: every ``nn.Linear`` except output heads and layers
+    tied to embeddings. Works on a model whose parameters are on the meta device.
+    """
+    heads = find_output_heads(model) if target_modules is None else set()
+    todo, skipped = [], []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear or name in heads or not _matches(name, target_modules):
+            continue
+        if m.in_features % group_size:
+            skipped.append(f"{name} (in_features={m.in_features})")
+        else:
+            todo.append(name)
+    if target_modules is not None and not todo and not skipped:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer")
+    return todo, skipped
+
+
 def quantize_model(
     model: nn.Module,
     bits: int = 4,
@@ -78,17 +99,7 @@ def quantize_model(
         raise NotImplementedError("method='gptq' is not available in this version; use method='rtn'")
     if method != "rtn":
         raise ValueError(f"method must be 'rtn' or 'gptq'; got {method!r}")
-    heads = find_output_heads(model) if target_modules is None else set()
-    todo, skipped = [], []
-    for name, m in model.named_modules():
-        if type(m) is not nn.Linear or name in heads or not _matches(name, target_modules):
-            continue
-        if m.in_features % group_size:
-            skipped.append(f"{name} (in_features={m.in_features})")
-        else:
-            todo.append(name)
-    if target_modules is not None and not todo and not skipped:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer")
+    todo, skipped = quantization_targets(model, group_size, target_modules)
     if skipped:
         warnings.warn(
             f"quantize_model: {len(skipped)} layer(s) left unquantized because in_features is not a multiple of "
