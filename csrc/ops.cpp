@@ -4,6 +4,7 @@
 // The kernels themselves (cpu/) see raw pointers only.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -234,7 +235,13 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::
     const int64_t rows = dequant_block_rows(K);
     const int64_t nblocks = (N + rows - 1) / rows;
     const auto& k = cpu::active_kernels();
+    // OpenMP workers do not inherit the caller's thread-local state: without
+    // it, the ATen calls below would run outside the caller's inference mode
+    // (and refuse to write into y, an inference tensor there) and above the
+    // autograd guard.
+    const at::ThreadLocalState caller_state;
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      at::ThreadLocalStateGuard same_state(caller_state);
       auto wbuf = at::empty({std::min(rows, N), K}, x2.options());
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t n0 = blk * rows, n1 = std::min(N, n0 + rows);

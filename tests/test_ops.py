@@ -337,3 +337,26 @@ def test_qlinear_bad_input_messages():
         ops.qlinear(x, packed, scale.to("meta"), zero, **kw)
     with pytest.raises(ValueError, match="last dimension 64"):
         ops.qlinear_grad_input(torch.randn(2, 60), packed, scale, zero, **kw)
+
+
+@pytest.mark.parametrize("mode", ("inference", "grad"))
+def test_large_m_path_runs_in_the_callers_mode(mode):
+    # Several 1 MB dequantization blocks (N x K = 1536 x 512), so the GEMM runs
+    # on OpenMP worker threads: they must see the caller's inference mode (y is
+    # an inference tensor there) and not record autograd for x.
+    n, k, g, m = 1536, 512, 32, T + 16
+    packed, scale, zero, W = quantized(n, k, 4, g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        x = torch.randn(m, k, requires_grad=(mode == "grad"))
+        if mode == "inference":
+            with torch.inference_mode():
+                y = ops.qlinear(x, packed, scale, zero, bits=4, group_size=g)
+        else:
+            y = ops.qlinear(x, packed, scale, zero, bits=4, group_size=g)
+            y.sum().backward()
+            assert rel_err(x.grad, W.sum(0).expand(m, k)) <= 1e-5
+    finally:
+        torch.set_num_threads(threads)
+    assert rel_err(y.detach(), reference.qlinear(x.detach().double(), W, None, None, None, None, 1.0, g)) <= 1e-5
