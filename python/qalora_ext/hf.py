@@ -352,10 +352,10 @@ def quantize_pretrained(
             _release_freed_memory()
         _materialize(lm, "", reader, torch.float32)
     else:
-        from .gptq import find_block_list, quantize_model_gptq
+        from .gptq import find_blocks, quantize_model_gptq
 
-        blocks_name = find_block_list(lm)
-        in_blocks = (lambda n: blocks_name is not None and (n == blocks_name or n.startswith(blocks_name + ".")))
+        blocks_name, _ = find_blocks(lm, todo)
+        in_blocks = (lambda n: bool(blocks_name) and n.startswith(blocks_name + "."))
         _materialize(lm, "", reader, torch.float32, skip=in_blocks)
 
         def before_block(index: int, block: nn.Module) -> None:

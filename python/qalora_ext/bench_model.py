@@ -1,0 +1,68 @@
+"""``qalora bench``: a whole model's prefill and decode speed, float vs packed, in one process.
+
+Both models see the same prompt; each measurement is warmed up once and the
+median of ``--repeats`` runs is reported, with the packed/float ratio (this
+is a noisy, shared machine: ratios mean more than absolute times). The
+kernel-level benchmarks are in the repository's ``bench/`` folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+__all__ = ["run_model_bench", "time_prefill_decode"]
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations, lazy initialisation
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def time_prefill_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(prefill seconds, decode seconds per token) for one sequence, greedy, with the KV cache."""
+    model.eval()
+
+    def prefill():
+        model(prompt_ids, use_cache=False)
+
+    def generate():
+        model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                       pad_token_id=0)
+
+    t_prefill = _median_time(prefill, repeats)
+    t_generate = _median_time(generate, repeats)
+    return t_prefill, max(t_generate - t_prefill, 0.0) / new_tokens
+
+
+def run_model_bench(args) -> None:
+    from . import hf
+    from .model import quantize_model
+
+    folder = hf.resolve_model(args.model)
+    if hf.is_quantized_checkpoint(folder):
+        raise ValueError(f"{folder} is already quantized; `qalora bench` compares a FLOAT model with its packed copy")
+    source, tokenizer, _ = hf.load_model(folder)
+    packed = quantize_model(copy.deepcopy(source), bits=args.bits, group_size=args.group_size, progress=False)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, tokenizer.vocab_size, (1, args.prompt_len), generator=g)
+    rows = []
+    for name, model in (("float32", source), (f"INT{args.bits} G{args.group_size}", packed)):
+        rows.append((name, *time_prefill_decode(model, prompt, args.new_tokens, args.repeats)))
+    print(f"model {folder.name}, {torch.get_num_threads()} threads, prompt {args.prompt_len} tokens, "
+          f"{args.new_tokens} decoded tokens, median of {args.repeats}")
+    print(f"{'weights':<12} {'prefill ms':>11} {'decode ms/token':>16} {'decode tokens/s':>16}")
+    for name, tp, td in rows:
+        print(f"{name:<12} {1e3 * tp:11.1f} {1e3 * td:16.2f} {1 / max(td, 1e-9):16.1f}")
+    (_, fp, fd), (_, qp, qd) = rows
+    print(f"packed / float time: prefill {qp / fp:.2f}x, decode {qd / fd:.2f}x")
