@@ -204,3 +204,10 @@ def test_training_step_through_a_real_model(tiny_dir, shape):
     grads = [m.lora_B.grad for m in model.modules() if isinstance(m, QALoRALinear)]  # A.grad is 0 while B == 0
     assert len(grads) == 14 and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_cli_bench_prints_both_models(tiny_dir, capsys):
+    assert cli.main(["bench", "--model", str(tiny_dir), "--prompt-len", "8", "--new-tokens", "2",
+                     "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "float32" in out and "INT4 G32" in out and "packed / float time" in out
