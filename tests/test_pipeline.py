@@ -211,3 +211,24 @@ def test_cli_bench_prints_both_models(tiny_dir, capsys):
                      "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "float32" in out and "INT4 G32" in out and "packed / float time" in out
+
+
+@pytest.mark.parametrize("family", ("qwen2", "mistral"))
+def test_other_families_quantize_train_and_merge(tmp_path, family):
+    from tiny_llm import save_tiny_family
+
+    folder = save_tiny_family(tmp_path / family, family)
+    model = hf.quantize_pretrained(folder, bits=4, group_size=32, progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert isinstance(model.lm_head, torch.nn.Linear)  # untied output head: still not quantized
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    qalora_ext.add_adapters(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QALoRALinear):
+                m.lora_B.normal_(0, 0.2)
+    ids = _ids()
+    before = _logits(model, ids)
+    qalora_ext.merge_adapters(model)
+    assert rel_err(_logits(model, ids), before) <= 1e-5

@@ -62,3 +62,25 @@ def save_tiny_llama(folder: os.PathLike, max_shard_size: str = "5GB", **kw) -> P
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_tiny_family(folder: os.PathLike, family: str) -> Path:
+    """A tiny random model of another tested family (Qwen2 has q/k/v biases), with the tiny tokenizer."""
+    import transformers
+
+    folder = Path(folder)
+    tok = make_tokenizer()
+    config_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    config = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        tie_word_embeddings=False)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
