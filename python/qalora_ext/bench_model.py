@@ -29,20 +29,23 @@ def _median_time(fn, repeats: int) -> float:
 
 @torch.no_grad()
 def time_prefill_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per token) for one sequence, greedy, with the KV cache."""
+    """(prefill seconds, decode seconds per token) for one sequence, greedy, with the KV cache.
+
+    Prefill is the time to the first new token; decode is the difference
+    between generating ``new_tokens`` and one token, per extra token.
+    """
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 to time decoding; got {new_tokens}")
     model.eval()
 
-    def prefill():
-        model(prompt_ids, use_cache=False)
+    def generate(n):
+        return lambda: model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                      pad_token_id=0)
 
-    def generate():
-        model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                       pad_token_id=0)
-
-    t_prefill = _median_time(prefill, repeats)
-    t_generate = _median_time(generate, repeats)
-    return t_prefill, max(t_generate - t_prefill, 0.0) / new_tokens
+    t_first = _median_time(generate(1), repeats)
+    t_all = _median_time(generate(new_tokens), repeats)
+    return t_first, max(t_all - t_first, 1e-9) / (new_tokens - 1)
 
 
 def run_model_bench(args) -> None:
