@@ -232,3 +232,18 @@ def test_other_families_quantize_train_and_merge(tmp_path, family):
     before = _logits(model, ids)
     qalora_ext.merge_adapters(model)
     assert rel_err(_logits(model, ids), before) <= 1e-5
+
+
+def test_cli_resume_loses_nothing(tiny_dir, text_file, tmp_path):
+    common = ["finetune", "--model", str(tiny_dir), "--bits", "4", "--data", str(text_file), "--batch-size", "2",
+              "--seq-len", "32", "--rank", "4", "--lr", "1e-2", "--save-every", "2"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert cli.main(common + ["--steps", "4", "--out", str(straight)]) == 0
+    assert cli.main(common + ["--steps", "2", "--out", str(interrupted)]) == 0
+    assert cli.main(common + ["--steps", "4", "--out", str(interrupted)]) == 2  # no silent restart over a run
+    assert cli.main(common + ["--steps", "4", "--resume", "--out", str(interrupted)]) == 0
+    a = qalora_ext.load_quantized(straight).state_dict()
+    b = qalora_ext.load_quantized(interrupted).state_dict()
+    adapters = [k for k in a if k.endswith(("lora_A", "lora_B"))]
+    assert len(adapters) == 28
+    assert all(torch.equal(a[k], b[k]) for k in a)

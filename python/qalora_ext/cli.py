@@ -134,6 +134,9 @@ def _training_model(args):
         print("[qalora] the model already has adapters: training them further", flush=True)
         freeze_all_but_adapters(lm)
     else:
+        import torch
+
+        torch.manual_seed(args.seed)  # the adapters' init: a rerun with the same --seed is the same run
         add_adapters(lm, rank=args.rank, alpha=args.alpha, dropout=args.dropout)
     return lm, tokenizer
 
