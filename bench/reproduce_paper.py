@@ -12,7 +12,7 @@ For each (bits, group size), held-out perplexity of:
 (d) and (e) use the same data, steps, rank, alpha, learning rate and seeds.
 Writes bench/results/paper_table.md (+ .json) and bench/results/paper_table.png.
 
-    python bench/reproduce_paper.py            # the full run (about an hour on 2 cores)
+    python bench/reproduce_paper.py            # the full run (42 minutes on 2 cores, see bench/results/paper_table.md)
     python bench/reproduce_paper.py --quick    # a smoke run on a few steps
 """
 
@@ -203,7 +203,7 @@ def write(results: dict, out: Path) -> None:
     ]
     for r in rows:
         lines.append(f"| {r['bits']} | {r['group_size']} | {results['source']:.2f} | {r['rtn']:.2f} | {r['gptq']:.2f} "
-                     f"| {r['lora_requantized']:.2f} | **{r['qalora_merged']:.2f}** | {r['lora_merged_float']:.2f} |")
+                     f"| {r['lora_requantized']:.2f} | {r['qalora_merged']:.2f} | {r['lora_merged_float']:.2f} |")
     lines += [
         "",
         "(e) stays INT-b after the merge: the adapter moves only the zeros (largest fraction of an adapter lost "
