@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
     p.add_argument("--window", type=int, default=512, help="tokens per evaluation window (default 512)")
-    p.add_argument("--prompt", default="What does the Python statement `with` do? Answer briefly.",
+    p.add_argument("--prompt", default="Explain what the Python keyword `yield` does.",
                    help="the prompt of the sample generation")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the merged model goes (default runs/demo)")
     return parser
