@@ -22,6 +22,16 @@ def fresh_seed(request):
     yield seed
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models gain nothing from threads,
+    and spinning OpenMP workers crawl when other jobs share the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

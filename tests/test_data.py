@@ -48,15 +48,7 @@ class CharTokenizer:
         return out + ("<assistant>" if add_generation_prompt else "")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and spinning OpenMP workers
-    # crawl when other jobs share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def random_text(n):
     return "".join(random.choice("abcdefghij klmnopq\nrstuvwxyzXYZ.,") for _ in range(n))

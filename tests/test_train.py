@@ -22,15 +22,7 @@ from qalora_ext.train import TrainResult, finetune, latest_checkpoint, token_nll
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and spinning OpenMP workers
-    # crawl when other jobs share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_model(seed, dropout=0.0):
     torch.manual_seed(seed)

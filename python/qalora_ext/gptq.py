@@ -26,7 +26,7 @@ from torch import nn
 
 from . import ops
 from .format import check_bits, check_group_size, check_in_features
-from .model import TargetModules, _matches, find_output_heads, set_module
+from .model import TargetModules, quantization_targets, set_module
 from .nn import QuantLinear
 
 __all__ = ["gptq_quantize_weight", "HessianAccumulator", "quantize_model_gptq", "find_blocks"]
@@ -210,17 +210,7 @@ class _Captured(Exception):
 
 def _select_targets(model: nn.Module, group_size: int, target_modules: TargetModules) -> list[str]:
     # The same selection as model.quantize_model, so both methods quantize the same layers.
-    heads = find_output_heads(model) if target_modules is None else set()
-    todo, skipped = [], []
-    for name, m in model.named_modules():
-        if type(m) is not nn.Linear or name in heads or not _matches(name, target_modules):
-            continue
-        if m.in_features % group_size:
-            skipped.append(f"{name} (in_features={m.in_features})")
-        else:
-            todo.append(name)
-    if target_modules is not None and not todo and not skipped:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer")
+    todo, skipped = quantization_targets(model, group_size, target_modules)
     if skipped:
         warnings.warn(
             f"quantize_model_gptq: {len(skipped)} layer(s) left unquantized because in_features is not a multiple "

@@ -31,10 +31,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .checkpoint import QUANT_METHOD, _build_transformers_model, _parameters_on_meta, load_quantized
+from .checkpoint import QUANT_METHOD, _build_transformers_model, load_quantized
 from . import ops
 from .format import check_bits, check_group_size
-from .gguf_source import SMOLLM2_GGUF_NAME, find_smollm2_gguf
+from .gguf_source import find_smollm2_gguf
 from .model import quantization_targets, set_module
 from .nn import QuantLinear
 
@@ -225,14 +225,12 @@ class ShardReader:
             raise FileNotFoundError(f"{self.folder} has no model.safetensors or model.safetensors.index.json "
                                     f"(only safetensors checkpoints can be quantized while streaming)")
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.files
-
     def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
         if key not in self.files:
-            raise KeyError(f"{self.folder}: no tensor {key!r} in the checkpoint")
+            raise ValueError(f"{self.folder}: no tensor {key!r} in the checkpoint "
+                             f"(an incomplete checkpoint, or another architecture)")
         with safe_open(os.fspath(self.files[key]), framework="pt") as f:
             return f.get_tensor(key)
 
@@ -368,6 +366,6 @@ def quantize_pretrained(
     _tie_output_head(lm)
     left = [n for n, p in lm.named_parameters() if p.device.type == "meta"]
     if left:
-        raise RuntimeError(f"{folder}: tensors missing from the checkpoint: {left[:5]}")
+        raise ValueError(f"{folder}: tensors missing from the checkpoint: {left[:5]}")
     lm.eval()
     return lm
