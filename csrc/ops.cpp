@@ -170,12 +170,14 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
   return out;
 }
 
-// x (..., K) -> y (..., N) = x W~^T + bias + scaling * (pool'(x) A^T) B^T
-at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                       const at::Tensor& zero, const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
-                       const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits, int64_t group_size,
-                       int64_t layout) {
+// x (..., K) -> y (..., N) = x W~^T + bias + scaling * (pool'(x) A^T) B^T.
+// int8_activations: below kSmallMThreshold rows, x is quantized per group to
+// int8 and the code x activation sums are exact integers (op qlinear_int8).
+at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                        const at::Tensor& zero, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                        const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits, int64_t group_size,
+                        int64_t layout, bool int8_activations) {
   // Registered below autograd (qlinear's gradient is its own op), so the ATen
   // calls inside must not record autograd either: x or the adapter may
   // require grad, and mm_out refuses such inputs.
@@ -208,23 +210,49 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::
   }
   if (bias) b = bias->to(at::kFloat).contiguous();
 
+  const auto& k = cpu::active_kernels();
   at::Tensor y;
   if (M < kSmallMThreshold) {
     y = at::empty({M, N}, x2.options());
-    const float* xp = x2.data_ptr<float>();
     const float* sp = xsum.data_ptr<float>();
     const float* bp = bias ? b.data_ptr<float>() : nullptr;
     const float* up = adapter ? u.data_ptr<float>() : nullptr;
     const float* Bp = adapter ? B.data_ptr<float>() : nullptr;
     const int64_t rank = adapter ? u.size(1) : 0;
     float* yp = y.data_ptr<float>();
-    const auto& k = cpu::active_kernels();
-    // Tasks get whole blocks of 16 rows (a multiple of every ISA's row lanes),
-    // so only the last rows of the matrix take the one-row tail path.
-    constexpr int64_t kRowBlock = 16;
-    at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
-      k.forward_rows(w, xp, M, sp, bp, up, Bp, rank, yp, b0 * kRowBlock, std::min(N, b1 * kRowBlock));
-    });
+    const float* xp = x2.data_ptr<float>();
+    if (int8_activations) {
+      TORCH_CHECK_VALUE(at::isfinite(x2).all().item<bool>(),
+                        "x has NaN or infinite values; int8 activations need finite inputs");
+      auto xq = at::empty({M, K}, x2.options().dtype(at::kChar));
+      auto dx = at::zeros({M * L + 16}, x2.options());  // the kernels may read 16 past the end
+      int8_t* qp = xq.data_ptr<int8_t>();
+      float* dp = dx.data_ptr<float>();
+      cpu::quantize_act_i8_rows(xp, K, group_size, qp, dp, 0, M);
+      const int64_t Kp = k.prepared_len_i8(K, static_cast<int>(bits));
+      auto xqp = at::empty({M, Kp}, xq.options());
+      int8_t* pp = xqp.data_ptr<int8_t>();
+      for (int64_t m = 0; m < M; ++m) k.prepare_i8(qp + m * K, K, static_cast<int>(bits), pp + m * Kp);
+      at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+        k.forward_rows_i8(w, pp, dp, M, sp, bp, up, Bp, rank, yp, n0, n1);
+      });
+    } else if (M <= cpu::kGemvMaxM && k.gemv_rows) {
+      // Decode-sized M: the hand-written kernel, x in its own order.
+      const int64_t Kp = k.prepared_len_f32(K, static_cast<int>(bits));
+      auto xprep = at::empty({M, Kp}, x2.options());
+      float* pp = xprep.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m) k.prepare_f32(xp + m * K, K, static_cast<int>(bits), pp + m * Kp);
+      at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+        k.gemv_rows(w, pp, M, sp, bp, up, Bp, rank, yp, n0, n1);
+      });
+    } else {
+      // Tasks get whole blocks of 16 rows (a multiple of every ISA's row lanes),
+      // so only the last rows of the matrix take the one-row tail path.
+      constexpr int64_t kRowBlock = 16;
+      at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
+        k.forward_rows(w, xp, M, sp, bp, up, Bp, rank, yp, b0 * kRowBlock, std::min(N, b1 * kRowBlock));
+      });
+    }
   } else {
     // Large M: the GEMM's arithmetic dominates. One parallel region: each
     // task dequantizes its own blocks of rows into a small float buffer and
@@ -234,7 +262,6 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::
     y = at::empty({M, N}, x2.options());
     const int64_t rows = dequant_block_rows(K);
     const int64_t nblocks = (N + rows - 1) / rows;
-    const auto& k = cpu::active_kernels();
     // OpenMP workers do not inherit the caller's thread-local state: without
     // it, the ATen calls below would run outside the caller's inference mode
     // (and refuse to write into y, an inference tensor there) and above the
@@ -258,6 +285,24 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::
     if (adapter) y.addmm_(u, B.t());
   }
   return y.reshape(out_shape).to(x.scalar_type());
+}
+
+at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& zero, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                       const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits, int64_t group_size,
+                       int64_t layout) {
+  return qlinear_impl(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout,
+                      false);
+}
+
+at::Tensor qlinear_int8_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                            const at::Tensor& zero, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                            const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits,
+                            int64_t group_size, int64_t layout) {
+  return qlinear_impl(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout,
+                      true);
 }
 
 // grad_x (..., K) = grad_out W~ + scaling/G * unpool(mask * ((grad_out B) A))
@@ -329,6 +374,10 @@ TORCH_LIBRARY(qalora, m) {
   m.def("dequantize(Tensor packed, Tensor scale, Tensor zero, int bits, int group_size, int layout) -> Tensor");
   m.def("qlinear(Tensor x, Tensor packed, Tensor scale, Tensor zero, Tensor? bias, Tensor? lora_A, "
         "Tensor? lora_B, Tensor? pool_mask, float scaling, int bits, int group_size, int layout) -> Tensor");
+  // qlinear with activations quantized to int8 per group (opt-in, inference
+  // only: it has no autograd formula).
+  m.def("qlinear_int8(Tensor x, Tensor packed, Tensor scale, Tensor zero, Tensor? bias, Tensor? lora_A, "
+        "Tensor? lora_B, Tensor? pool_mask, float scaling, int bits, int group_size, int layout) -> Tensor");
   m.def("qlinear_grad_input(Tensor grad_out, Tensor packed, Tensor scale, Tensor zero, Tensor? lora_A, "
         "Tensor? lora_B, Tensor? pool_mask, float scaling, int bits, int group_size, int layout) -> Tensor");
 }
@@ -339,6 +388,7 @@ TORCH_LIBRARY_IMPL(qalora, CPU, m) {
   m.impl("unpack", &unpack_cpu);
   m.impl("dequantize", &dequantize_cpu);
   m.impl("qlinear", &qlinear_cpu);
+  m.impl("qlinear_int8", &qlinear_int8_cpu);
   m.impl("qlinear_grad_input", &qlinear_grad_input_cpu);
 }
 

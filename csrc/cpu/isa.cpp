@@ -21,6 +21,8 @@ bool cpu_has(const char* isa) {
   if (!std::strcmp(isa, "avx512"))
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!std::strcmp(isa, "avx512vnni"))
+    return cpu_has("avx512") && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
 #endif
 #if defined(__aarch64__)
   if (!std::strcmp(isa, "neon")) return true;  // NEON is part of the aarch64 baseline
@@ -37,6 +39,9 @@ const KernelTable* table_for(const char* isa) {
 #if defined(QALORA_HAVE_AVX512)
   if (!std::strcmp(isa, "avx512")) return kernel_table_avx512();
 #endif
+#if defined(QALORA_HAVE_AVX512VNNI)
+  if (!std::strcmp(isa, "avx512vnni")) return kernel_table_avx512vnni();
+#endif
 #if defined(QALORA_HAVE_NEON)
   if (!std::strcmp(isa, "neon")) return kernel_table_neon();
 #endif
@@ -44,7 +49,7 @@ const KernelTable* table_for(const char* isa) {
 }
 
 const KernelTable* best_table() {
-  for (const char* isa : {"avx512", "avx2", "neon"}) {
+  for (const char* isa : {"avx512vnni", "avx512", "avx2", "neon"}) {
     if (const KernelTable* t = table_for(isa)) return t;
   }
   return kernel_table_scalar();
@@ -84,6 +89,9 @@ const char* compiled_isas() {
 #endif
 #if defined(QALORA_HAVE_AVX512)
          ",avx512"
+#endif
+#if defined(QALORA_HAVE_AVX512VNNI)
+         ",avx512vnni"
 #endif
 #if defined(QALORA_HAVE_NEON)
          ",neon"

@@ -50,7 +50,38 @@ struct KernelTable {
   void (*dequantize_rows)(const PackedView& w, float* out, int64_t n0, int64_t n1);
   // xsum[m, g] = sum of x[m, g*G : (g+1)*G] for m in [m0, m1).
   void (*group_sums)(const float* x, int64_t K, int64_t group_size, float* xsum, int64_t m0, int64_t m1);
+
+  // ---- decode-sized M (M <= kGemvMaxM), float activations ----
+  // Optional (null: forward_rows serves these M too). The kernel reads x in
+  // its own order: prepare_f32 writes one row of x (K) into
+  // prepared_len_f32(K, bits) floats; gemv_rows then works like forward_rows
+  // with x given as M prepared rows.
+  int64_t (*prepared_len_f32)(int64_t K, int bits);
+  void (*prepare_f32)(const float* x, int64_t K, int bits, float* out);
+  void (*gemv_rows)(const PackedView& w, const float* x_prepared, int64_t M, const float* xsum, const float* bias,
+                    const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1);
+
+  // ---- int8 activations (opt-in, any M this path is used for) ----
+  // x is quantized per weight group by quantize_act_i8 (xq = round(x / dx),
+  // dx = max|x_g| / 127), each row of xq re-ordered by prepare_i8 into
+  // prepared_len_i8(K, bits) bytes. forward_rows_i8: y rows [n0, n1) =
+  //   sum_g scale * dx[m, g] * (q . xq)_g + zero * xsum + bias + u B^T,
+  // the code x xq sums in exact int32. dx: (M, L) followed by 16 zeros.
+  int64_t (*prepared_len_i8)(int64_t K, int bits);
+  void (*prepare_i8)(const int8_t* xq, int64_t K, int bits, int8_t* out);
+  void (*forward_rows_i8)(const PackedView& w, const int8_t* xq_prepared, const float* dx, int64_t M,
+                          const float* xsum, const float* bias, const float* u, const float* B, int64_t rank,
+                          float* y, int64_t n0, int64_t n1);
 };
+
+// The largest M the gemv_rows kernels are used for.
+constexpr int64_t kGemvMaxM = 4;
+
+// Quantize rows [m0, m1) of x (M, K) per group of G: dx[m, g] = max|x| / 127,
+// xq = round-half-even(x * (127 / max|x|)) in [-127, 127] (0 where the group
+// is all 0). Non-finite x must be refused by the caller.
+void quantize_act_i8_rows(const float* x, int64_t K, int64_t group_size, int8_t* xq, float* dx, int64_t m0,
+                          int64_t m1);
 
 // Per-ISA tables (cpu/kernels_isa.cpp compiled with different flags).
 const KernelTable* kernel_table_scalar();
@@ -60,13 +91,16 @@ const KernelTable* kernel_table_avx2();
 #if defined(QALORA_HAVE_AVX512)
 const KernelTable* kernel_table_avx512();
 #endif
+#if defined(QALORA_HAVE_AVX512VNNI)
+const KernelTable* kernel_table_avx512vnni();  // avx512 + hand-written decode kernels
+#endif
 #if defined(QALORA_HAVE_NEON)
 const KernelTable* kernel_table_neon();
 #endif
 
 // The table in use: the best this CPU supports, or the one forced by
 // set_isa() / the QALORA_CPU_ISA environment variable ("scalar", "avx2",
-// "avx512", "neon", "auto"). set_isa returns false for an ISA this build or
+// "avx512", "avx512vnni", "neon", "auto"). set_isa returns false for an ISA this build or
 // this CPU does not have.
 const KernelTable& active_kernels();
 bool set_isa(const char* name);

@@ -272,6 +272,55 @@ void group_sums(const float* x, int64_t K, int64_t G, float* xsum, int64_t m0, i
   }
 }
 
+// int8 activations, the portable version: xq in natural order.
+template <int BITS>
+void forward_rows_i8_t(const PackedView& w, const int8_t* xq, const float* dx, int64_t M, const float* xsum,
+                       const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t n0,
+                       int64_t n1) {
+  const int G = w.group_size;
+  const int64_t L = w.groups();
+  const int64_t K = w.K;
+  int32_t q[kMaxGroup];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint32_t* row = w.packed + n * w.stride_words;
+    for (int64_t m = 0; m < M; ++m) y[m * w.N + n] = 0.f;
+    for (int64_t g = 0; g < L; ++g) {
+      const uint32_t* words = row + g * (G / kChunk) * BITS;
+      for (int c = 0; c < G / kChunk; ++c) unpack_chunk<BITS, int32_t>(words + c * BITS, q + c * kChunk);
+      const float s = load_store(w.scale, n * L + g, w.scale_type);
+      const float z = load_store(w.zero, n * L + g, w.zero_type);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xg = xq + m * K + g * G;
+        int32_t acc = 0;
+        QALORA_SIMD_REDUCE(acc)
+        for (int i = 0; i < G; ++i) acc += q[i] * static_cast<int32_t>(xg[i]);
+        y[m * w.N + n] += s * dx[m * L + g] * static_cast<float>(acc) + z * xsum[m * L + g];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float v = y[m * w.N + n];
+      if (bias) v += bias[n];
+      if (u) v += dot(u + m * rank, B + n * rank, static_cast<int>(rank));
+      y[m * w.N + n] = v;
+    }
+  }
+}
+
+int64_t prepared_len_i8(int64_t K, int) { return K; }
+void prepare_i8(const int8_t* xq, int64_t K, int, int8_t* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = xq[k];
+}
+
+void forward_rows_i8(const PackedView& w, const int8_t* xq, const float* dx, int64_t M, const float* xsum,
+                     const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t n0,
+                     int64_t n1) {
+  switch (w.bits) {
+    case 2: return forward_rows_i8_t<2>(w, xq, dx, M, xsum, bias, u, B, rank, y, n0, n1);
+    case 3: return forward_rows_i8_t<3>(w, xq, dx, M, xsum, bias, u, B, rank, y, n0, n1);
+    default: return forward_rows_i8_t<4>(w, xq, dx, M, xsum, bias, u, B, rank, y, n0, n1);
+  }
+}
+
 void forward_rows(const PackedView& w, const float* x, int64_t M, const float* xsum, const float* bias,
                   const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
   switch (w.bits) {
@@ -303,8 +352,17 @@ void dequantize_rows(const PackedView& w, float* out, int64_t n0, int64_t n1) {
 
 const KernelTable* QALORA_CAT(kernel_table_, QALORA_ISA)() {
   static const KernelTable table = {
-      QALORA_STR(QALORA_ISA),        QALORA_ISA::forward_rows, QALORA_ISA::grad_input_groups,
-      QALORA_ISA::dequantize_rows, QALORA_ISA::group_sums,
+      QALORA_STR(QALORA_ISA),
+      QALORA_ISA::forward_rows,
+      QALORA_ISA::grad_input_groups,
+      QALORA_ISA::dequantize_rows,
+      QALORA_ISA::group_sums,
+      nullptr,  // no decode-sized kernel: forward_rows serves M <= kGemvMaxM
+      nullptr,
+      nullptr,
+      QALORA_ISA::prepared_len_i8,
+      QALORA_ISA::prepare_i8,
+      QALORA_ISA::forward_rows_i8,
   };
   return &table;
 }
