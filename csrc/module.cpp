@@ -21,6 +21,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("LAYOUT_CANONICAL") = qalora::kLayoutCanonical;
   m.attr("SMALL_M_THRESHOLD") = qalora::kSmallMThreshold;
   m.attr("SMALL_M_THRESHOLD_GRAD") = qalora::kSmallMThresholdGrad;
+  m.attr("GEMV_MAX_M") = qalora::cpu::kGemvMaxM;
 #if defined(QALORA_CUDA_KERNELS)
   m.attr("WITH_CUDA") = true;
 #else

@@ -50,7 +50,7 @@ def time_prefill_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeat
 
 def run_model_bench(args) -> None:
     from . import hf
-    from .model import quantize_model
+    from .model import quantize_model, set_int8_activations
 
     folder = hf.resolve_model(args.model)
     if hf.is_quantized_checkpoint(folder):
@@ -62,10 +62,16 @@ def run_model_bench(args) -> None:
     rows = []
     for name, model in (("float32", source), (f"INT{args.bits} G{args.group_size}", packed)):
         rows.append((name, *time_prefill_decode(model, prompt, args.new_tokens, args.repeats)))
+    if getattr(args, "int8_activations", False):
+        set_int8_activations(packed)
+        rows.append((f"INT{args.bits} i8act", *time_prefill_decode(packed, prompt, args.new_tokens, args.repeats)))
     print(f"model {folder.name}, {torch.get_num_threads()} threads, prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} decoded tokens, median of {args.repeats}")
     print(f"{'weights':<12} {'prefill ms':>11} {'decode ms/token':>16} {'decode tokens/s':>16}")
     for name, tp, td in rows:
         print(f"{name:<12} {1e3 * tp:11.1f} {1e3 * td:16.2f} {1 / max(td, 1e-9):16.1f}")
-    (_, fp, fd), (_, qp, qd) = rows
+    (_, fp, fd), (_, qp, qd) = rows[:2]
     print(f"packed / float time: prefill {qp / fp:.2f}x, decode {qd / fd:.2f}x")
+    if len(rows) > 2:
+        _, ip, idd = rows[2]
+        print(f"int8-activation packed / float time: prefill {ip / fp:.2f}x, decode {idd / fd:.2f}x")

@@ -16,7 +16,8 @@ from torch import nn
 from .format import check_bits, check_group_size
 from .nn import QALoRALinear, QuantLinear
 
-__all__ = ["quantize_model", "quantization_targets", "set_module", "add_adapters", "merge_adapters", "find_output_heads", "freeze_all_but_adapters"]
+__all__ = ["quantize_model", "quantization_targets", "set_module", "add_adapters", "merge_adapters", "find_output_heads", "freeze_all_but_adapters",
+           "set_int8_activations"]
 
 TargetModules = Optional[Union[str, Iterable[str]]]
 
@@ -175,3 +176,15 @@ def merge_adapters(model: nn.Module) -> dict[str, float]:
             stacklevel=2,
         )
     return report
+
+
+def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the opt-in int8-activation path of every packed layer on or off.
+
+    Only forward passes that need no gradient use it (``ops.qlinear_int8``):
+    generation and evaluation. Returns the number of packed layers changed.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.int8_activations = bool(enabled)
+    return len(layers)

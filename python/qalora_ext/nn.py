@@ -160,10 +160,19 @@ class QuantLinear(nn.Module):
         """The float32 weight ``W~`` (out_features, in_features)."""
         return ops.dequantize(self.packed, self.scale, self.zero, self.bits, self.group_size, self.layout)
 
+    #: Opt-in: quantize activations to int8 per group in forward passes that
+    #: need no gradient (``ops.qlinear_int8``: faster decode on CPUs with
+    #: VNNI, a bounded change of the numerics). Training always uses float.
+    int8_activations: bool = False
+
     def _linear(self, x, lora_A=None, lora_B=None, pool_mask=None, scaling=1.0):
         xk = _kernel_input(x)
-        y = ops.qlinear(xk, self.packed, self.scale, self.zero, self.bias, lora_A, lora_B, pool_mask, scaling,
-                        bits=self.bits, group_size=self.group_size, layout=self.layout)
+        op = ops.qlinear
+        if self.int8_activations and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, lora_A, lora_B))):
+            op = ops.qlinear_int8
+        y = op(xk, self.packed, self.scale, self.zero, self.bias, lora_A, lora_B, pool_mask, scaling,
+               bits=self.bits, group_size=self.group_size, layout=self.layout)
         # SPEC: the output has x's dtype (under autocast: the autocast dtype).
         if xk is not x and not torch.is_autocast_enabled(x.device.type):
             y = y.to(x.dtype)
@@ -187,7 +196,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, scale_dtype={self.scale.dtype}, "
-                f"zero_dtype={self.zero.dtype}, layout={self.layout}")
+                f"zero_dtype={self.zero.dtype}, layout={self.layout}"
+                + (", int8_activations=True" if self.int8_activations else ""))
 
 
 class QALoRALinear(nn.Module):

@@ -25,6 +25,7 @@ __all__ = [
     "unpack",
     "dequantize",
     "qlinear",
+    "qlinear_int8",
     "qlinear_grad_input",
 ]
 
@@ -121,6 +122,43 @@ def qlinear(
                         layout)
 
 
+def qlinear_int8(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    pool_mask: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    *,
+    bits: int,
+    group_size: int,
+    layout: int = LAYOUT_CANONICAL,
+) -> torch.Tensor:
+    """``qlinear`` with the activations quantized to int8 (opt-in, inference only).
+
+    Below 64 rows of ``x`` each group of G inputs is quantized symmetrically
+    (``dx = max|x_g| / 127``, codes rounded to nearest) and ``q . x_g`` is an
+    exact integer sum, as llama.cpp does; the zeros' term, bias and adapter
+    use the float input. The error against ``qlinear`` is at most
+    ``sum_g |scale_g| * dx_g / 2 * sum_k q_k`` per output
+    (``reference.qlinear_int8_error_bound``). At 64 rows and more the float
+    path runs (the GEMM there is not limited by the activations' format).
+    No gradient: use ``qlinear`` for training.
+    """
+    check_bits(bits)
+    check_group_size(group_size)
+    _check_devices("qlinear_int8", x, packed=packed, scale=scale, zero=zero, bias=bias, lora_A=lora_A,
+                   lora_B=lora_B, pool_mask=pool_mask)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
+        raise RuntimeError("qlinear_int8 has no gradient (int8 activations are for inference); use qlinear to "
+                           "train, or run under torch.no_grad() / torch.inference_mode()")
+    return _ops.qlinear_int8(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, float(scaling), bits,
+                             group_size, layout)
+
+
 def qlinear_grad_input(
     grad_out: torch.Tensor,
     packed: torch.Tensor,
@@ -193,6 +231,13 @@ def _fake_checks(op, x, features, packed, scale, zero, lora_A, lora_B, pool_mask
 @torch.library.register_fake("qalora::qlinear")
 def _qlinear_fake(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout):
     _fake_checks("qlinear", x, scale.shape[1] * group_size, packed, scale, zero, lora_A, lora_B, pool_mask, bias)
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.register_fake("qalora::qlinear_int8")
+def _qlinear_int8_fake(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout):
+    _fake_checks("qlinear_int8", x, scale.shape[1] * group_size, packed, scale, zero, lora_A, lora_B, pool_mask,
+                 bias)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 

@@ -126,6 +126,22 @@ def qlinear(
     return y
 
 
+def qlinear_int8_error_bound(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                             group_size: int) -> torch.Tensor:
+    """Largest |qlinear_int8 - qlinear| the int8 activations can cause, (..., N), float64.
+
+    Each input is rounded to the nearest multiple of ``dx_g = max|x_g| / 127``,
+    so it moves by at most ``dx_g / 2``; the product with the weight's
+    ``scale * q`` part (the zeros' term uses the float input) moves by at most
+    ``sum_g |scale_g| * dx_g / 2 * sum_{k in g} q_k``.
+    """
+    xd = x.double()
+    groups = xd.unflatten(-1, (xd.shape[-1] // group_size, group_size))
+    half_step = groups.abs().amax(-1) / 127.0 / 2.0  # (..., L)
+    code_sums = codes.double().unflatten(-1, (codes.shape[-1] // group_size, group_size)).sum(-1)  # (N, L)
+    return half_step @ (scale.double().abs() * code_sums).t()
+
+
 def qlinear_grad_input(
     grad_out: torch.Tensor,
     weight: torch.Tensor,
