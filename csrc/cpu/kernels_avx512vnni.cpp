@@ -99,8 +99,27 @@ struct SpanWords {
   __m512i w[BITS == 3 ? 3 : 1];
 };
 
+// b = 3: word j of chunk i is word 3i + j of the span's 48 words (a, b, c):
+// two 2-source permutes each. The first picks from a:b (indices 0..31); the
+// second keeps those lanes and fills the ones whose word lies in c.
+struct ChunkGather {
+  __m512i from_ab[3], with_c[3];
+  ChunkGather() {
+    alignas(64) int32_t i1[kLanes], i2[kLanes];
+    for (int j = 0; j < 3; ++j) {
+      for (int i = 0; i < kLanes; ++i) {
+        const int w = 3 * i + j;
+        i1[i] = w < 32 ? w : 0;
+        i2[i] = w < 32 ? i : 16 + (w - 32);
+      }
+      from_ab[j] = _mm512_load_si512(i1);
+      with_c[j] = _mm512_load_si512(i2);
+    }
+  }
+};
+
 template <int BITS>
-inline SpanWords<BITS> load_span(const uint32_t* row, int64_t s, int64_t row_words) {
+inline SpanWords<BITS> load_span(const uint32_t* row, int64_t s, int64_t row_words, const ChunkGather& gather) {
   SpanWords<BITS> out;
   const int64_t w0 = s * span_words(BITS);
   const int64_t left = row_words - w0;
@@ -125,19 +144,9 @@ inline SpanWords<BITS> load_span(const uint32_t* row, int64_t s, int64_t row_wor
       b = _mm512_maskz_loadu_epi32(mask(16), row + w0 + 16);
       c = _mm512_maskz_loadu_epi32(mask(32), row + w0 + 32);
     }
-    // word j of chunk i is word 3i + j of the span: two 2-source permutes each.
-    // First pick from a:b (indices 0..31), lanes whose word lies in c are
-    // filled in the second step (index 16 + (w - 32) selects c).
-    alignas(64) int32_t i1[3][kLanes], i2[3][kLanes];
-    for (int j = 0; j < 3; ++j)
-      for (int i = 0; i < kLanes; ++i) {
-        const int w = 3 * i + j;
-        i1[j][i] = w < 32 ? w : 0;
-        i2[j][i] = w < 32 ? i : 16 + (w - 32);
-      }
     for (int j = 0; j < 3; ++j) {
-      const __m512i ab = _mm512_permutex2var_epi32(a, _mm512_load_si512(i1[j]), b);
-      out.w[j] = _mm512_permutex2var_epi32(ab, _mm512_load_si512(i2[j]), c);
+      const __m512i ab = _mm512_permutex2var_epi32(a, gather.from_ab[j], b);
+      out.w[j] = _mm512_permutex2var_epi32(ab, gather.with_c[j], c);
     }
   }
   return out;
@@ -189,6 +198,7 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
   const __m512 table = code_table<BITS>();
   const int64_t spans = Kp / S;
   const int64_t row_words = w.K / kChunk * BITS;
+  const ChunkGather gather;
   for (int64_t n = n0; n < n1; ++n) {
     const uint32_t* row = w.packed + n * w.stride_words;
     row_to_f32(w.scale, w.scale_type, n * L, L, sbuf);
@@ -196,7 +206,7 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t s = 0; s < spans; ++s) {
-      const SpanWords<BITS> sw = load_span<BITS>(row, s, row_words);
+      const SpanWords<BITS> sw = load_span<BITS>(row, s, row_words, gather);
       __m512 ps[MT];
       for (int m = 0; m < MT; ++m) ps[m] = _mm512_setzero_ps();
       const float* xs = xp + s * S;
@@ -266,6 +276,7 @@ void gemv_rows_i8_words(const PackedView& w, const int8_t* xq, int64_t Kp, const
   const __m512i bytemask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const int64_t spans = Kp / S;
   const int64_t row_words = w.K / kChunk * BITS;
+  const ChunkGather gather;  // unused for b = 2, 4
   for (int64_t n = n0; n < n1; ++n) {
     const uint32_t* row = w.packed + n * w.stride_words;
     row_to_f32(w.scale, w.scale_type, n * L, L, sbuf);
@@ -273,7 +284,7 @@ void gemv_rows_i8_words(const PackedView& w, const int8_t* xq, int64_t Kp, const
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t s = 0; s < spans; ++s) {
-      const __m512i wv = load_span<BITS>(row, s, row_words).w[0];
+      const __m512i wv = load_span<BITS>(row, s, row_words, gather).w[0];
       __m512i is[MT];
       for (int m = 0; m < MT; ++m) is[m] = _mm512_setzero_si512();
 #pragma GCC unroll 4
