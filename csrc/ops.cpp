@@ -203,10 +203,23 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
   at::Tensor u, B, b;
   if (adapter) {
     // u = scaling * (mask * mean over groups) @ A^T, (M, r): small.
-    auto pooled = xsum / static_cast<double>(group_size);
-    if (pool_mask) pooled = pooled * pool_mask->reshape({M, L}).to(at::kFloat);
-    u = (at::mm(pooled, lora_A->to(at::kFloat).t()) * scaling).contiguous();
     B = lora_B->to(at::kFloat).contiguous();
+    if (M < kSmallMThreshold) {
+      // Plain loops: at decode sizes the temporaries of the ATen version
+      // cost more than the arithmetic (M x r x L multiply-adds).
+      auto A = lora_A->to(at::kFloat).contiguous();
+      at::Tensor mask;
+      if (pool_mask) mask = pool_mask->reshape({M, L}).to(at::kFloat).contiguous();
+      const int64_t rank = A.size(0);
+      u = at::empty({M, rank}, x2.options());
+      cpu::pooled_adapter_input(xsum.data_ptr<float>(), pool_mask ? mask.data_ptr<float>() : nullptr,
+                                A.data_ptr<float>(), M, L, rank, scaling / static_cast<double>(group_size),
+                                u.data_ptr<float>());
+    } else {
+      auto pooled = xsum / static_cast<double>(group_size);
+      if (pool_mask) pooled = pooled * pool_mask->reshape({M, L}).to(at::kFloat);
+      u = (at::mm(pooled, lora_A->to(at::kFloat).t()) * scaling).contiguous();
+    }
   }
   if (bias) b = bias->to(at::kFloat).contiguous();
 

@@ -88,5 +88,23 @@ void quantize_act_i8_rows(const float* x, int64_t K, int64_t group_size, int8_t*
   }
 }
 
+void pooled_adapter_input(const float* xsum, const float* mask, const float* A, int64_t M, int64_t L, int64_t rank,
+                          double factor, float* u) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xs = xsum + m * L;
+    const float* mk = mask ? mask + m * L : nullptr;
+    for (int64_t r = 0; r < rank; ++r) {
+      const float* a = A + r * L;
+      float acc = 0.f;
+      if (mk) {
+        for (int64_t g = 0; g < L; ++g) acc += mk[g] * xs[g] * a[g];
+      } else {
+        for (int64_t g = 0; g < L; ++g) acc += xs[g] * a[g];
+      }
+      u[m * rank + r] = static_cast<float>(factor * acc);
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace qalora

@@ -110,6 +110,11 @@ const char* compiled_isas();  // comma-separated
 
 // ---- Non-hot kernels (one build, no ISA variants) ------------------------
 
+// The adapter's input at small M: u[m, r] = factor * sum_g mask[m, g] *
+// xsum[m, g] * A[r, g] (mask null: all ones); factor = scaling / G.
+void pooled_adapter_input(const float* xsum, const float* mask, const float* A, int64_t M, int64_t L, int64_t rank,
+                          double factor, float* u);
+
 // RTN quantization (SPEC) of rows [n0, n1) of w (N, K) float32.
 void quantize_rtn_rows(const float* w, int64_t K, int bits, int group_size, void* scale, StoreType scale_type,
                        void* zero, StoreType zero_type, uint32_t* packed, int64_t stride_words, int64_t n0,

@@ -80,6 +80,12 @@ float dot_f32(const float* a, const float* b, int64_t n) {
   return _mm512_reduce_add_ps(acc);
 }
 
+// The adapter's B row of the next output: a separate stream from the packed
+// codes, fetched while this row's codes are summed.
+inline void prefetch_adapter_row(const float* row, int64_t rank) {
+  for (int64_t i = 0; i < rank; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+}
+
 // Lane -> group index within a span (group_of_lane[i] = i / lanes_per_group).
 __m512i lane_group_index(int lanes_per_group) {
   alignas(64) int32_t idx[kLanes];
@@ -201,6 +207,7 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
   const ChunkGather gather;
   for (int64_t n = n0; n < n1; ++n) {
     const uint32_t* row = w.packed + n * w.stride_words;
+    if (u && n + 1 < n1) prefetch_adapter_row(B + (n + 1) * rank, rank);
     row_to_f32(w.scale, w.scale_type, n * L, L, sbuf);
     row_to_f32(w.zero, w.zero_type, n * L, L, zbuf);
     __m512 acc[MT];
@@ -279,6 +286,7 @@ void gemv_rows_i8_words(const PackedView& w, const int8_t* xq, int64_t Kp, const
   const ChunkGather gather;  // unused for b = 2, 4
   for (int64_t n = n0; n < n1; ++n) {
     const uint32_t* row = w.packed + n * w.stride_words;
+    if (u && n + 1 < n1) prefetch_adapter_row(B + (n + 1) * rank, rank);
     row_to_f32(w.scale, w.scale_type, n * L, L, sbuf);
     row_to_f32(w.zero, w.zero_type, n * L, L, zbuf);
     __m512 acc[MT];
@@ -322,6 +330,7 @@ void gemv_rows_i8_b3(const PackedView& w, const int8_t* xq, int64_t Kp, const fl
   const int64_t row_bytes = w.K * 3 / 8;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = reinterpret_cast<const uint8_t*>(w.packed + n * w.stride_words);
+    if (u && n + 1 < n1) prefetch_adapter_row(B + (n + 1) * rank, rank);
     row_to_f32(w.scale, w.scale_type, n * L, L, sbuf);
     row_to_f32(w.zero, w.zero_type, n * L, L, zbuf);
     __m512 acc[MT];
