@@ -1,5 +1,6 @@
-"""The decode-sized CPU kernels (M <= GEMV_MAX_M, hand-written AVX-512 where the
-CPU has VBMI + VNNI) and the opt-in int8-activation op, against the float64
+"""The decode-sized CPU kernels (M <= GEMV_MAX_M: hand-written AVX-512 where the
+CPU has VBMI + VNNI, hand-written AVX2 otherwise) and the opt-in int8-activation
+op, against the float64
 reference: every bits x group size, row counts on both sides of each dispatch
 boundary, in_features that leave a partial last span, every scale/zero dtype."""
 
@@ -21,7 +22,7 @@ GEMV = _C.GEMV_MAX_M  # rows served by the decode kernels
 T = _C.SMALL_M_THRESHOLD  # from here on: dequantize + GEMM (int8 op included)
 # Around each boundary: decode kernels | packed small-M kernel | GEMM.
 ROWS = (1, 2, 3, GEMV, GEMV + 1, T - 1, T)
-FAST_ISAS = [i for i in ("avx512vnni", "scalar") if i in _C.compiled_cpu_isas().split(",")]
+FAST_ISAS = [i for i in ("avx512vnni", "avx2", "scalar") if i in _C.compiled_cpu_isas().split(",")]
 
 
 def _k_for(group_size):

@@ -94,6 +94,15 @@ const KernelTable* kernel_table_avx512();
 #if defined(QALORA_HAVE_AVX512VNNI)
 const KernelTable* kernel_table_avx512vnni();  // avx512 + hand-written decode kernels
 #endif
+#if defined(QALORA_HAVE_AVX2)
+// The avx2 table's decode-sized entries (cpu/kernels_avx2_decode.cpp).
+namespace avx2_decode {
+int64_t prepared_len_f32(int64_t K, int bits);
+void prepare_f32(const float* x, int64_t K, int bits, float* out);
+void gemv_rows(const PackedView& w, const float* x_prepared, int64_t M, const float* xsum, const float* bias,
+               const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1);
+}  // namespace avx2_decode
+#endif
 #if defined(QALORA_HAVE_NEON)
 const KernelTable* kernel_table_neon();
 #endif

@@ -357,9 +357,15 @@ const KernelTable* QALORA_CAT(kernel_table_, QALORA_ISA)() {
       QALORA_ISA::grad_input_groups,
       QALORA_ISA::dequantize_rows,
       QALORA_ISA::group_sums,
+#if defined(QALORA_AVX2_DECODE)
+      avx2_decode::prepared_len_f32,
+      avx2_decode::prepare_f32,
+      avx2_decode::gemv_rows,
+#else
       nullptr,  // no decode-sized kernel: forward_rows serves M <= kGemvMaxM
       nullptr,
       nullptr,
+#endif
       QALORA_ISA::prepared_len_i8,
       QALORA_ISA::prepare_i8,
       QALORA_ISA::forward_rows_i8,
