@@ -15,6 +15,14 @@
 
 namespace py = pybind11;
 
+#if defined(QALORA_CUDA_KERNELS)
+#include "cuda/kernels.cuh"
+namespace qalora {
+void set_nvtx(bool on);  // cuda/ops_cuda.cpp
+bool nvtx_enabled();
+}  // namespace qalora
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "qalora_ext compiled core: op registrations and build information";
   m.attr("__version__") = QALORA_VERSION;
@@ -24,6 +32,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("GEMV_MAX_M") = qalora::cpu::kGemvMaxM;
 #if defined(QALORA_CUDA_KERNELS)
   m.attr("WITH_CUDA") = true;
+  m.attr("CUDA_GEMV_MAX_M") = qalora::cuda::kGemvMaxM;
+  m.def("set_nvtx", &qalora::set_nvtx, py::arg("enabled"),
+        "NVTX ranges around each CUDA op launch (on unless QALORA_NVTX=0).");
+  m.def("nvtx_enabled", &qalora::nvtx_enabled);
 #else
   m.attr("WITH_CUDA") = false;
 #endif
@@ -42,5 +54,5 @@ PYBIND11_MODULE(_C, m) {
                                 ")");
         }
       },
-      py::arg("name"), "Force the CPU kernels of one instruction set ('scalar', 'avx2', 'avx512', 'neon', 'auto').");
+      py::arg("name"), "Force the CPU kernels of one instruction set ('scalar', 'avx2', 'avx512', 'avx512vnni', 'neon', 'auto').");
 }

@@ -1,0 +1,368 @@
+// CUDA kernels (see kernels.cuh). The bit unpacking is format.h's
+// __host__ __device__ code, the same the CPU tests exercise.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "cuda/kernels.cuh"
+
+namespace qalora {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// q . x[0 .. 31] with x read 16 bytes at a time (few live registers).
+template <typename T>
+__device__ __forceinline__ float dot32(const float* q, const T* x) {
+  constexpr int per = 16 / sizeof(T);
+  const uint4* p = reinterpret_cast<const uint4*>(x);
+  float d = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32 / per; ++i) {
+    const uint4 v = __ldg(p + i);
+    const T* t = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < per; ++j) d = fmaf(q[i * per + j], to_f32<T>(t[j]), d);
+  }
+  return d;
+}
+
+// ---- prologue: chunk sums and the adapter's input ---------------------------
+
+template <typename T>
+__global__ void chunk_sums_kernel(const T* __restrict__ x, int64_t M, int64_t K, float* __restrict__ out) {
+  const int64_t chunks = K / kChunk;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= M * chunks) return;
+  const int64_t m = i / chunks, c = i % chunks;
+  const T* p = x + m * K + c * kChunk;
+  float s = 0.f;
+#pragma unroll 8
+  for (int j = 0; j < kChunk; ++j) s += to_f32<T>(p[j]);
+  out[i] = s;
+}
+
+__global__ void adapter_input_kernel(const float* __restrict__ chunk_sums, const float* __restrict__ mask,
+                                     const float* __restrict__ A, int64_t M, int64_t L, int64_t rank,
+                                     int group_size, float factor, float* __restrict__ u) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= M * rank) return;
+  const int64_t m = i / rank, r = i % rank;
+  const int cpg = group_size / kChunk;
+  const float* cs = chunk_sums + m * L * cpg;
+  float acc = 0.f;
+  for (int64_t g = 0; g < L; ++g) {
+    float xs = 0.f;
+    for (int c = 0; c < cpg; ++c) xs += cs[g * cpg + c];
+    if (mask) xs *= mask[m * L + g];
+    acc += xs * A[r * L + g];
+  }
+  u[i] = factor * acc;
+}
+
+// ---- fused dequant-GEMV ------------------------------------------------------
+
+// A lane's unit of work: whole chunks in whole 16-byte loads.
+// b = 4: 1 chunk (4 words); b = 2: 2 chunks (4 words); b = 3: 4 chunks (12 words).
+template <int BITS>
+struct Unit {
+  static constexpr int chunks = BITS == 3 ? 4 : 4 / BITS;
+  static constexpr int words = chunks * BITS;
+  static constexpr int loads = words / 4;
+};
+
+constexpr int kGemvWarps = 4;  // rows per block: one warp per output row
+
+template <int BITS, typename T>
+__global__ void __launch_bounds__(kGemvWarps * kWarp)
+    gemv_kernel(DeviceWeight w, const T* __restrict__ x, int M, const float* __restrict__ chunk_sums,
+                const float* __restrict__ bias, const float* __restrict__ u, const float* __restrict__ B,
+                int64_t rank, T* __restrict__ y, float* __restrict__ partial, int64_t units_per_split) {
+  using U = Unit<BITS>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t n = blockIdx.x * static_cast<int64_t>(kGemvWarps) + threadIdx.x / kWarp;
+  if (n >= w.N) return;  // whole warps leave together
+  const int64_t chunks = w.K / kChunk;
+  const int64_t L = w.K / w.group_size;
+  const int cpg = w.group_size / kChunk;
+  const int64_t units = (chunks + U::chunks - 1) / U::chunks;
+  const int64_t u0 = blockIdx.y * units_per_split;
+  const int64_t u1 = min(units, u0 + units_per_split);
+  const uint32_t* row = w.packed + n * w.stride_words;
+
+  float acc[kGemvMaxM];
+#pragma unroll
+  for (int m = 0; m < kGemvMaxM; ++m) acc[m] = 0.f;
+
+  for (int64_t unit = u0 + lane; unit < u1; unit += kWarp) {
+    uint32_t words[U::words];
+#pragma unroll
+    for (int i = 0; i < U::loads; ++i) {
+      const int64_t w0 = unit * U::words + 4 * i;
+      // The row is padded to whole 16-byte loads; a load wholly past the
+      // row's padded end belongs to a chunk that does not exist.
+      const uint4 v = w0 < w.stride_words ? *reinterpret_cast<const uint4*>(row + w0) : make_uint4(0, 0, 0, 0);
+      words[4 * i] = v.x;
+      words[4 * i + 1] = v.y;
+      words[4 * i + 2] = v.z;
+      words[4 * i + 3] = v.w;
+    }
+#pragma unroll
+    for (int c = 0; c < U::chunks; ++c) {
+      const int64_t ci = unit * U::chunks + c;
+      if (ci >= chunks) break;
+      float q[kChunk];
+      unpack_chunk<BITS, float>(words + c * BITS, q);
+      const int64_t g = ci / cpg;
+      const float s = load_store(w.scale, n * L + g, w.scale_type);
+      const float z = load_store(w.zero, n * L + g, w.zero_type);
+#pragma unroll
+      for (int m = 0; m < kGemvMaxM; ++m) {
+        if (m < M) acc[m] += s * dot32<T>(q, x + m * w.K + ci * kChunk) + z * chunk_sums[m * chunks + ci];
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kGemvMaxM; ++m) {
+    if (m < M) {
+      const float v = warp_sum(acc[m]);
+      if (partial) {
+        if (lane == 0) partial[(static_cast<int64_t>(blockIdx.y) * M + m) * w.N + n] = v;
+      } else {
+        // Epilogue: bias and the adapter, lanes splitting the rank.
+        float a = 0.f;
+        if (u)
+          for (int64_t r = lane; r < rank; r += kWarp) a += u[m * rank + r] * B[n * rank + r];
+        a = warp_sum(a);
+        if (lane == 0) y[m * w.N + n] = from_f32<T>(v + a + (bias ? bias[n] : 0.f));
+      }
+    }
+  }
+}
+
+// Second pass of split-K: one thread per (m, n), splits added in order.
+template <typename T>
+__global__ void split_reduce_kernel(const float* __restrict__ partial, int splits, int64_t M, int64_t N,
+                                    const float* __restrict__ bias, const float* __restrict__ u,
+                                    const float* __restrict__ B, int64_t rank, T* __restrict__ y) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= M * N) return;
+  const int64_t m = i / N, n = i % N;
+  float v = 0.f;
+  for (int s = 0; s < splits; ++s) v += partial[s * M * N + i];
+  if (u)
+    for (int64_t r = 0; r < rank; ++r) v += u[m * rank + r] * B[n * rank + r];
+  if (bias) v += bias[n];
+  y[i] = from_f32<T>(v);
+}
+
+// ---- dequantize, pack, unpack, quantize -------------------------------------
+
+template <int BITS, typename T>
+__global__ void dequantize_kernel(DeviceWeight w, T* __restrict__ out) {
+  const int64_t chunks = w.K / kChunk;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= w.N * chunks) return;
+  const int64_t n = i / chunks, c = i % chunks;
+  const int64_t L = w.K / w.group_size, g = c * kChunk / w.group_size;
+  float q[kChunk];
+  unpack_chunk<BITS, float>(w.packed + n * w.stride_words + c * BITS, q);
+  const float s = load_store(w.scale, n * L + g, w.scale_type);
+  const float z = load_store(w.zero, n * L + g, w.zero_type);
+  T* o = out + n * w.K + c * kChunk;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) o[j] = from_f32<T>(fmaf(s, q[j], z));
+}
+
+template <int BITS>
+__global__ void unpack_kernel(const uint32_t* __restrict__ packed, int64_t stride_words, int64_t N, int64_t K,
+                              uint8_t* __restrict__ codes) {
+  const int64_t chunks = K / kChunk;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= N * chunks) return;
+  const int64_t n = i / chunks, c = i % chunks;
+  unpack_chunk<BITS, uint8_t>(packed + n * stride_words + c * BITS, codes + n * K + c * kChunk);
+}
+
+__global__ void pack_kernel(const uint8_t* __restrict__ codes, int64_t N, int64_t K, int bits,
+                            uint32_t* __restrict__ packed, int64_t stride_words) {
+  const int64_t chunks = K / kChunk;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= N * chunks) return;
+  const int64_t n = i / chunks, c = i % chunks;
+  pack_chunk(codes + n * K + c * kChunk, bits, packed + n * stride_words + c * bits);
+}
+
+// The CPU's quantize_rtn_rows, one thread per (row, group).
+__global__ void quantize_rtn_kernel(const float* __restrict__ w, int64_t N, int64_t K, int bits, int group_size,
+                                    void* scale, StoreType scale_type, void* zero, StoreType zero_type,
+                                    uint32_t* __restrict__ packed, int64_t stride_words) {
+  const int64_t L = K / group_size;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= N * L) return;
+  const int64_t n = i / L, g = i % L;
+  const float* v = w + n * K + g * group_size;
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  float lo = v[0], hi = v[0];
+  for (int j = 1; j < group_size; ++j) {
+    lo = v[j] < lo ? v[j] : lo;
+    hi = v[j] > hi ? v[j] : hi;
+  }
+  const float s = round_to_store(__fdiv_rn(hi - lo, qmax), scale_type);
+  const float z = round_to_store(lo, zero_type);
+  write_store(scale, n * L + g, scale_type, s);
+  write_store(zero, n * L + g, zero_type, z);
+  uint8_t codes[kChunk];
+  for (int c = 0; c < group_size / kChunk; ++c) {
+    for (int j = 0; j < kChunk; ++j) {
+      float q = 0.f;
+      if (s != 0.f) {
+        q = rintf(__fdiv_rn(__fsub_rn(v[c * kChunk + j], z), s));  // half to even, as std::nearbyint
+        q = q < 0.f ? 0.f : (q > qmax ? qmax : q);
+      }
+      codes[j] = static_cast<uint8_t>(q);
+    }
+    pack_chunk(codes, bits, packed + n * stride_words + (g * (group_size / kChunk) + c) * bits);
+  }
+}
+
+unsigned grid_for(int64_t threads, int block) { return static_cast<unsigned>((threads + block - 1) / block); }
+
+template <typename Fn>
+cudaError_t by_bits(int bits, Fn&& fn) {
+  switch (bits) {
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename Fn>
+cudaError_t by_type(ActType t, Fn&& fn) {
+  switch (t) {
+    case ActType::kFloat32: return fn(float{});
+    case ActType::kFloat16: return fn(__half{});
+    case ActType::kBFloat16: return fn(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_chunk_sums(const void* x, ActType xt, int64_t M, int64_t K, float* chunk_sums, cudaStream_t s) {
+  return by_type(xt, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t n = M * (K / kChunk);
+    chunk_sums_kernel<T><<<grid_for(n, 256), 256, 0, s>>>(static_cast<const T*>(x), M, K, chunk_sums);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_adapter_input(const float* chunk_sums, const float* mask, const float* A, int64_t M, int64_t L,
+                                 int64_t rank, int group_size, float scaling, float* u, cudaStream_t s) {
+  const float factor = scaling / static_cast<float>(group_size);
+  adapter_input_kernel<<<grid_for(M * rank, 128), 128, 0, s>>>(chunk_sums, mask, A, M, L, rank, group_size, factor,
+                                                                u);
+  return cudaGetLastError();
+}
+
+int gemv_splits(const DeviceWeight& w, int sms) {
+  const int64_t chunks = w.K / kChunk;
+  const int per_unit = w.bits == 3 ? 4 : 4 / w.bits;
+  const int64_t units = (chunks + per_unit - 1) / per_unit;
+  const int64_t blocks = (w.N + kGemvWarps - 1) / kGemvWarps;
+  int splits = 1;
+  // Fill the machine (two blocks per multiprocessor) while every lane keeps
+  // at least two units of work.
+  while (blocks * splits < 2 * sms && units / (2 * splits) >= 2 * kWarp) splits *= 2;
+  return splits;
+}
+
+cudaError_t launch_gemv(const DeviceWeight& w, const void* x, ActType xt, int64_t M, const float* chunk_sums,
+                        const float* bias, const float* u, const float* B, int64_t rank, void* y, int splits,
+                        float* workspace, cudaStream_t s) {
+  if (M < 1 || M > kGemvMaxM || splits < 1 || (splits > 1 && !workspace)) return cudaErrorInvalidValue;
+  return by_bits(w.bits, [&](auto bits_tag) {
+    constexpr int BITS = decltype(bits_tag)::value;
+    return by_type(xt, [&](auto tag) -> cudaError_t {
+      using T = decltype(tag);
+      const int64_t chunks = w.K / kChunk;
+      const int64_t units = (chunks + Unit<BITS>::chunks - 1) / Unit<BITS>::chunks;
+      const int64_t per_split = (units + splits - 1) / splits;
+      const dim3 grid(static_cast<unsigned>((w.N + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>(splits));
+      gemv_kernel<BITS, T><<<grid, kGemvWarps * kWarp, 0, s>>>(
+          w, static_cast<const T*>(x), static_cast<int>(M), chunk_sums, bias, u, B, rank, static_cast<T*>(y),
+          splits > 1 ? workspace : nullptr, per_split);
+      cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess || splits == 1) return err;
+      split_reduce_kernel<T><<<grid_for(M * w.N, 256), 256, 0, s>>>(workspace, splits, M, w.N, bias, u, B, rank,
+                                                                    static_cast<T*>(y));
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t launch_dequantize(const DeviceWeight& w, void* out, ActType out_type, cudaStream_t s) {
+  return by_bits(w.bits, [&](auto bits_tag) {
+    constexpr int BITS = decltype(bits_tag)::value;
+    return by_type(out_type, [&](auto tag) {
+      using T = decltype(tag);
+      dequantize_kernel<BITS, T><<<grid_for(w.N * (w.K / kChunk), 256), 256, 0, s>>>(w, static_cast<T*>(out));
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t launch_unpack(const uint32_t* packed, int64_t stride_words, int64_t N, int64_t K, int bits,
+                         uint8_t* codes, cudaStream_t s) {
+  return by_bits(bits, [&](auto bits_tag) {
+    constexpr int BITS = decltype(bits_tag)::value;
+    unpack_kernel<BITS><<<grid_for(N * (K / kChunk), 256), 256, 0, s>>>(packed, stride_words, N, K, codes);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_pack(const uint8_t* codes, int64_t N, int64_t K, int bits, uint32_t* packed,
+                        int64_t stride_words, cudaStream_t s) {
+  pack_kernel<<<grid_for(N * (K / kChunk), 256), 256, 0, s>>>(codes, N, K, bits, packed, stride_words);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_quantize_rtn(const float* w, int64_t N, int64_t K, int bits, int group_size, void* scale,
+                                StoreType scale_type, void* zero, StoreType zero_type, uint32_t* packed,
+                                int64_t stride_words, cudaStream_t s) {
+  quantize_rtn_kernel<<<grid_for(N * (K / group_size), 128), 128, 0, s>>>(w, N, K, bits, group_size, scale,
+                                                                          scale_type, zero, zero_type, packed,
+                                                                          stride_words);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace qalora

@@ -1,0 +1,74 @@
+// CUDA kernels of qalora_ext: raw pointers and a stream in, no torch headers.
+//
+// Every launcher returns the launch's cudaError_t; the binding
+// (cuda/ops_cuda.cpp) checks inputs, picks the path by M, guards the device
+// and passes the current stream. Templates are instantiated over bits (2, 3,
+// 4) and activation dtype (ActType) only; group size, rank and shapes are
+// run-time values.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "qalora/format.h"
+
+namespace qalora {
+namespace cuda {
+
+enum class ActType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A packed weight in layout 1 on the device.
+struct DeviceWeight {
+  const uint32_t* packed;  // (N, stride_words)
+  int64_t stride_words;
+  const void* scale;  // (N, L) in scale_type
+  StoreType scale_type;
+  const void* zero;  // (N, L) in zero_type
+  StoreType zero_type;
+  int64_t N, K;
+  int bits;
+  int group_size;
+};
+
+// The largest M the fused GEMV serves (it keeps M accumulators per thread).
+constexpr int kGemvMaxM = 8;
+
+// chunk_sums[m, c] = sum of x[m, 32c : 32c + 32] (float32), (M, K/32).
+cudaError_t launch_chunk_sums(const void* x, ActType xt, int64_t M, int64_t K, float* chunk_sums, cudaStream_t s);
+
+// The adapter's input: u[m, r] = scaling / G * sum_g mask[m, g] * xsum[m, g] * A[r, g],
+// xsum from chunk_sums. mask (M, L) float32 or null; A (rank, L) float32.
+cudaError_t launch_adapter_input(const float* chunk_sums, const float* mask, const float* A, int64_t M, int64_t L,
+                                 int64_t rank, int group_size, float scaling, float* u, cudaStream_t s);
+
+// Fused dequant-GEMV for M <= kGemvMaxM:
+//   y[m, n] = sum_g scale * (q . x)_g + zero * xsum_g + bias[n] + sum_r u[m, r] B[n, r]
+// x (M, K) and y (M, N) in x's dtype; bias (N) float32 or null; u (M, r) and
+// B (N, r) float32 or null. `splits` > 1 splits K over blocks: partial sums go
+// to `workspace` (splits * M * N floats) and a second kernel adds them in a
+// fixed order (deterministic, no atomics).
+cudaError_t launch_gemv(const DeviceWeight& w, const void* x, ActType xt, int64_t M, const float* chunk_sums,
+                        const float* bias, const float* u, const float* B, int64_t rank, void* y, int splits,
+                        float* workspace, cudaStream_t s);
+// The split count launch_gemv should use on a device with `sms` multiprocessors.
+int gemv_splits(const DeviceWeight& w, int sms);
+
+// out (N, K) in `out_type` = W~ (rows n0..N-1 all).
+cudaError_t launch_dequantize(const DeviceWeight& w, void* out, ActType out_type, cudaStream_t s);
+
+// codes (N, K) uint8 <-> packed (N, stride_words). pack writes code words
+// only: the caller zeroes the padding.
+cudaError_t launch_unpack(const uint32_t* packed, int64_t stride_words, int64_t N, int64_t K, int bits,
+                         uint8_t* codes, cudaStream_t s);
+cudaError_t launch_pack(const uint8_t* codes, int64_t N, int64_t K, int bits, uint32_t* packed,
+                        int64_t stride_words, cudaStream_t s);
+
+// RTN quantization (SPEC) of w (N, K) float32: one thread per group, the same
+// float32 arithmetic as the CPU kernel, so results are bit-identical.
+cudaError_t launch_quantize_rtn(const float* w, int64_t N, int64_t K, int bits, int group_size, void* scale,
+                                StoreType scale_type, void* zero, StoreType zero_type, uint32_t* packed,
+                                int64_t stride_words, cudaStream_t s);
+
+}  // namespace cuda
+}  // namespace qalora

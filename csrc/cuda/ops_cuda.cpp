@@ -1,0 +1,318 @@
+// CUDA implementations of the qalora ops (schemas in ops.cpp): input checks,
+// device guard, the current stream, the choice of path by M, an NVTX range
+// per call, and a check of every launch. The kernels (cuda/kernels.cu) see raw
+// pointers only.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <nvtx3/nvToolsExt.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cuda/kernels.cuh"
+#include "ops_common.h"
+
+namespace qalora {
+
+// NVTX ranges: on unless QALORA_NVTX=0 (read once) or set_nvtx(false).
+std::atomic<bool>& nvtx_flag() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("QALORA_NVTX");
+    return !(v && std::strcmp(v, "0") == 0);
+  }()};
+  return on;
+}
+void set_nvtx(bool on) { nvtx_flag().store(on); }
+bool nvtx_enabled() { return nvtx_flag().load(); }
+
+namespace {
+
+class NvtxRange {
+ public:
+  explicit NvtxRange(const std::string& name) : on_(nvtx_enabled()) {
+    if (on_) nvtxRangePushA(name.c_str());
+  }
+  ~NvtxRange() {
+    if (on_) nvtxRangePop();
+  }
+  NvtxRange(const NvtxRange&) = delete;
+  NvtxRange& operator=(const NvtxRange&) = delete;
+
+ private:
+  bool on_;
+};
+
+std::string range_name(const char* op, int64_t bits, int64_t G, int64_t M, int64_t N, int64_t K, const char* path) {
+  return std::string("qalora.") + op + " b" + std::to_string(bits) + " g" + std::to_string(G) +
+         " M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) + " " + path;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "qalora CUDA kernel ", what, " failed: ", cudaGetErrorString(err));
+}
+
+StoreType store_type_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return StoreType::kFloat32;
+    case at::kHalf: return StoreType::kFloat16;
+    case at::kBFloat16: return StoreType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, what, " must be float32, float16 or bfloat16; got ", t.scalar_type());
+  }
+  return StoreType::kFloat32;
+}
+
+cuda::ActType act_type_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return cuda::ActType::kFloat16;
+    case at::kBFloat16: return cuda::ActType::kBFloat16;
+    default: return cuda::ActType::kFloat32;
+  }
+}
+
+// The packed weight made contiguous, and its raw view (the tensors keep the
+// memory alive while the view is used).
+struct Weight {
+  at::Tensor packed, scale, zero;
+  cuda::DeviceWeight view;
+};
+
+Weight weight_of(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                 int64_t group_size) {
+  Weight w{packed.contiguous(), scale.contiguous(), zero.contiguous(), {}};
+  w.view.packed = reinterpret_cast<const uint32_t*>(w.packed.data_ptr<int32_t>());
+  w.view.stride_words = w.packed.size(1);
+  w.view.scale = w.scale.data_ptr();
+  w.view.scale_type = store_type_of(w.scale, "scale");
+  w.view.zero = w.zero.data_ptr();
+  w.view.zero_type = store_type_of(w.zero, "zero");
+  w.view.N = w.packed.size(0);
+  w.view.K = w.scale.size(1) * group_size;
+  w.view.bits = static_cast<int>(bits);
+  w.view.group_size = static_cast<int>(group_size);
+  return w;
+}
+
+// Contiguous and 16-byte aligned (the GEMV reads activations 16 bytes at a time).
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  auto c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// ---------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn_cuda(const at::Tensor& weight, int64_t bits,
+                                                                 int64_t group_size, at::ScalarType scale_dtype,
+                                                                 at::ScalarType zero_dtype) {
+  check_bits(bits);
+  check_group_size(group_size);
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features); got shape ", weight.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "weight must be a floating tensor; got ",
+                   weight.scalar_type());
+  check_in_features(weight.size(1), group_size, "weight");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  auto w = weight.to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(at::isfinite(w).all().item<bool>(),
+                    "weight has NaN or infinite values; quantization needs finite weights");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto scale = at::empty({N, K / group_size}, w.options().dtype(scale_dtype));
+  auto zero = at::empty({N, K / group_size}, w.options().dtype(zero_dtype));
+  auto packed = at::zeros({N, row_stride_words(K, static_cast<int>(bits))}, w.options().dtype(at::kInt));
+  const NvtxRange range(range_name("quantize_rtn", bits, group_size, 0, N, K, "rtn"));
+  check_launch(cuda::launch_quantize_rtn(w.data_ptr<float>(), N, K, static_cast<int>(bits),
+                                         static_cast<int>(group_size), scale.data_ptr(),
+                                         store_type_of(scale, "scale_dtype"), zero.data_ptr(),
+                                         store_type_of(zero, "zero_dtype"),
+                                         reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()), packed.size(1),
+                                         at::cuda::getCurrentCUDAStream()),
+               "quantize_rtn");
+  TORCH_CHECK_VALUE(at::isfinite(scale).all().item<bool>(), "a group's scale (max - min) / ", (1 << bits) - 1,
+                    " overflows ", scale_dtype, "; store scales as float32 (scale_dtype=torch.float32)");
+  TORCH_CHECK_VALUE(at::isfinite(zero).all().item<bool>(), "a group's zero (its minimum) overflows ", zero_dtype,
+                    "; store zeros as float32 (zero_dtype=torch.float32)");
+  return {packed, scale, zero};
+}
+
+at::Tensor pack_cuda(const at::Tensor& codes, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D (out_features, in_features); got shape ", codes.sizes());
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "codes must be uint8; got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.size(1) % kChunk == 0, "codes: in_features must be a multiple of 32; got ",
+                    codes.size(1));
+  const c10::cuda::CUDAGuard guard(codes.device());
+  auto c = codes.contiguous();
+  if (c.numel() > 0) {
+    const int64_t mx = c.max().item<int64_t>();
+    TORCH_CHECK_VALUE(mx < (int64_t{1} << bits), "codes must be in [0, ", (1 << bits) - 1, "] for bits=", bits,
+                      "; found ", mx);
+  }
+  const int64_t N = c.size(0), K = c.size(1);
+  auto packed = at::zeros({N, row_stride_words(K, static_cast<int>(bits))}, c.options().dtype(at::kInt));
+  if (c.numel() == 0) return packed;
+  check_launch(cuda::launch_pack(c.data_ptr<uint8_t>(), N, K, static_cast<int>(bits),
+                                 reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()), packed.size(1),
+                                 at::cuda::getCurrentCUDAStream()),
+               "pack");
+  return packed;
+}
+
+at::Tensor unpack_cuda(const at::Tensor& packed, int64_t bits, int64_t in_features, int64_t layout) {
+  check_layout(layout);
+  check_bits(bits);
+  TORCH_CHECK_VALUE(in_features > 0 && in_features % kChunk == 0,
+                    "in_features must be a positive multiple of 32; got ", in_features);
+  check_packed(packed, bits, in_features);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  auto p = packed.contiguous();
+  auto codes = at::empty({p.size(0), in_features}, p.options().dtype(at::kByte));
+  if (p.size(0) == 0) return codes;
+  check_launch(cuda::launch_unpack(reinterpret_cast<const uint32_t*>(p.data_ptr<int32_t>()), p.size(1), p.size(0),
+                                   in_features, static_cast<int>(bits), codes.data_ptr<uint8_t>(),
+                                   at::cuda::getCurrentCUDAStream()),
+               "unpack");
+  return codes;
+}
+
+// W~ (N, K) in `dtype`.
+at::Tensor dequantize_to(const Weight& w, at::ScalarType dtype, const at::TensorOptions& opts) {
+  auto out = at::empty({w.view.N, w.view.K}, opts.dtype(dtype));
+  if (w.view.N == 0) return out;
+  check_launch(cuda::launch_dequantize(w.view, out.data_ptr(), act_type_of(out), at::cuda::getCurrentCUDAStream()),
+               "dequantize");
+  return out;
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                           int64_t group_size, int64_t layout) {
+  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const Weight w = weight_of(packed, scale, zero, bits, group_size);
+  const NvtxRange range(range_name("dequantize", bits, group_size, 0, w.view.N, w.view.K, "dequant"));
+  return dequantize_to(w, at::kFloat, packed.options());
+}
+
+at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                        const at::Tensor& zero, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                        const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits, int64_t group_size,
+                        int64_t layout) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the gradient is qlinear's own formula
+  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
+  check_activation(x, K, "x");
+  check_same_device(x, {&packed, &scale, &zero}, "qlinear");
+  const bool adapter = check_adapter(lora_A, lora_B, N, L, x);
+  check_bias(bias, N, x);
+  check_pool_mask(pool_mask, x, L, adapter);
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = x.numel() / K;
+  if (M == 0 || N == 0) return at::zeros(out_shape, x.options());
+  const Weight w = weight_of(packed, scale, zero, bits, group_size);
+  auto x2 = aligned_contiguous(x.reshape({M, K}));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto f32 = x.options().dtype(at::kFloat);
+
+  // Chunk sums of x (the zeros' term and the pooled adapter input) and the
+  // adapter's u = scaling/G * (mask * group sums) A^T, (M, r).
+  auto chunk_sums = at::empty({M, K / kChunk}, f32);
+  check_launch(cuda::launch_chunk_sums(x2.data_ptr(), act_type_of(x2), M, K, chunk_sums.data_ptr<float>(), stream),
+               "chunk_sums");
+  at::Tensor u, B, A, mask, b;
+  if (adapter) {
+    A = lora_A->to(at::kFloat).contiguous();
+    B = lora_B->to(at::kFloat).contiguous();
+    if (pool_mask) mask = pool_mask->reshape({M, L}).to(at::kFloat).contiguous();
+    u = at::empty({M, A.size(0)}, f32);
+    check_launch(cuda::launch_adapter_input(chunk_sums.data_ptr<float>(), pool_mask ? mask.data_ptr<float>() : nullptr,
+                                            A.data_ptr<float>(), M, L, A.size(0), static_cast<int>(group_size),
+                                            static_cast<float>(scaling), u.data_ptr<float>(), stream),
+                 "adapter_input");
+  }
+  if (bias) b = bias->to(at::kFloat).contiguous();
+
+  at::Tensor y;
+  if (M <= cuda::kGemvMaxM) {
+    const NvtxRange range(range_name("qlinear", bits, group_size, M, N, K, "gemv"));
+    y = at::empty({M, N}, x2.options());
+    const int splits = cuda::gemv_splits(w.view, sm_count());
+    at::Tensor workspace;
+    if (splits > 1) workspace = at::empty({splits, M, N}, f32);
+    check_launch(cuda::launch_gemv(w.view, x2.data_ptr(), act_type_of(x2), M, chunk_sums.data_ptr<float>(),
+                                   bias ? b.data_ptr<float>() : nullptr, adapter ? u.data_ptr<float>() : nullptr,
+                                   adapter ? B.data_ptr<float>() : nullptr, adapter ? u.size(1) : 0, y.data_ptr(),
+                                   splits, splits > 1 ? workspace.data_ptr<float>() : nullptr, stream),
+                 "gemv");
+  } else {
+    // Large M: dequantize into a buffer of x's dtype (the caching allocator
+    // reuses it call to call) and let cuBLAS do the GEMM.
+    const NvtxRange range(range_name("qlinear", bits, group_size, M, N, K, "dequant+cublas"));
+    auto wdq = dequantize_to(w, x2.scalar_type(), x2.options());
+    y = bias ? at::addmm(b.to(x2.scalar_type()), x2, wdq.t()) : at::mm(x2, wdq.t());
+    if (adapter) y = (y.to(at::kFloat) + at::mm(u, B.t())).to(x2.scalar_type());
+  }
+  return y.reshape(out_shape);
+}
+
+at::Tensor qlinear_int8_cuda(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, int64_t,
+                             int64_t, int64_t) {
+  TORCH_CHECK_VALUE(false, "qlinear_int8: int8 activations are a CPU path (the input is on ", x.device(),
+                    "); on CUDA use qlinear, whose float16/bfloat16 GEMV already streams the packed weight");
+  return at::Tensor();
+}
+
+// grad_x = grad_out W~ + scaling/G * unpool(mask * ((grad_out B) A)): W~
+// dequantized in grad_out's dtype, cuBLAS for the product.
+at::Tensor qlinear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& scale,
+                                   const at::Tensor& zero, const std::optional<at::Tensor>& lora_A,
+                                   const std::optional<at::Tensor>& lora_B,
+                                   const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits,
+                                   int64_t group_size, int64_t layout) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
+  check_activation(grad_out, N, "grad_out");
+  check_same_device(grad_out, {&packed, &scale, &zero}, "qlinear_grad_input");
+  const bool adapter = check_adapter(lora_A, lora_B, N, L, grad_out);
+  check_pool_mask(pool_mask, grad_out, L, adapter);
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
+  out_shape.back() = K;
+  const int64_t M = grad_out.numel() / N;
+  if (M == 0) return at::zeros(out_shape, grad_out.options());
+  const NvtxRange range(range_name("qlinear_grad_input", bits, group_size, M, N, K, "dequant+cublas"));
+  const Weight w = weight_of(packed, scale, zero, bits, group_size);
+  auto gy = grad_out.reshape({M, N}).contiguous();
+  auto gx = at::mm(gy, dequantize_to(w, gy.scalar_type(), gy.options()));
+  if (adapter) {
+    auto group_add = at::mm(at::mm(gy.to(at::kFloat), lora_B->to(at::kFloat)), lora_A->to(at::kFloat)) *
+                     (scaling / static_cast<double>(group_size));
+    if (pool_mask) group_add = group_add * pool_mask->reshape({M, L}).to(at::kFloat);
+    gx = (gx.to(at::kFloat) + group_add.repeat_interleave(group_size, 1)).to(gy.scalar_type());
+  }
+  return gx.reshape(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qalora, CUDA, m) {
+  m.impl("quantize_rtn", &quantize_rtn_cuda);
+  m.impl("pack", &pack_cuda);
+  m.impl("unpack", &unpack_cuda);
+  m.impl("dequantize", &dequantize_cuda);
+  m.impl("qlinear", &qlinear_cuda);
+  m.impl("qlinear_int8", &qlinear_int8_cuda);
+  m.impl("qlinear_grad_input", &qlinear_grad_input_cuda);
+}
+
+}  // namespace qalora
