@@ -221,11 +221,17 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = x.options().dtype(at::kFloat);
 
-  // Chunk sums of x (the zeros' term and the pooled adapter input) and the
-  // adapter's u = scaling/G * (mask * group sums) A^T, (M, r).
-  auto chunk_sums = at::empty({M, K / kChunk}, f32);
-  check_launch(cuda::launch_chunk_sums(x2.data_ptr(), act_type_of(x2), M, K, chunk_sums.data_ptr<float>(), stream),
-               "chunk_sums");
+  // Chunk sums of x (the GEMV's zeros' term and the pooled adapter input)
+  // and the adapter's u = scaling/G * (mask * group sums) A^T, (M, r).
+  const bool gemv = M <= cuda::kGemvMaxM;
+  const NvtxRange range(range_name("qlinear", bits, group_size, M, N, K, gemv ? "gemv" : "dequant+cublas"));
+  at::Tensor chunk_sums;
+  if (gemv || adapter) {
+    chunk_sums = at::empty({M, K / kChunk}, f32);
+    check_launch(
+        cuda::launch_chunk_sums(x2.data_ptr(), act_type_of(x2), M, K, chunk_sums.data_ptr<float>(), stream),
+        "chunk_sums");
+  }
   at::Tensor u, B, A, mask, b;
   if (adapter) {
     A = lora_A->to(at::kFloat).contiguous();
@@ -240,8 +246,7 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
   if (bias) b = bias->to(at::kFloat).contiguous();
 
   at::Tensor y;
-  if (M <= cuda::kGemvMaxM) {
-    const NvtxRange range(range_name("qlinear", bits, group_size, M, N, K, "gemv"));
+  if (gemv) {
     y = at::empty({M, N}, x2.options());
     const int splits = cuda::gemv_splits(w.view, sm_count());
     at::Tensor workspace;
@@ -254,7 +259,6 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
   } else {
     // Large M: dequantize into a buffer of x's dtype (the caching allocator
     // reuses it call to call) and let cuBLAS do the GEMM.
-    const NvtxRange range(range_name("qlinear", bits, group_size, M, N, K, "dequant+cublas"));
     auto wdq = dequantize_to(w, x2.scalar_type(), x2.options());
     y = bias ? at::addmm(b.to(x2.scalar_type()), x2, wdq.t()) : at::mm(x2, wdq.t());
     if (adapter) y = (y.to(at::kFloat) + at::mm(u, B.t())).to(x2.scalar_type());
