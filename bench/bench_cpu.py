@@ -1,12 +1,20 @@
 #!/usr/bin/env python
 """CPU forward time of ``qalora_ext.ops.qlinear`` beside float32 ``torch.nn.functional.linear``.
 
-Three tables, on stdout (progress goes to stderr):
+Tables on stdout (progress goes to stderr):
 
+* **ceilings**, measured first in the same process: the memory read
+  bandwidth (sum of a 256 MB float32 tensor) and the float32 GEMM rate
+  (F.linear at M=128 on the first shape, multiply-adds per second).
 * **forward**: for every shape N x K, bits and M, the median time of our op
-  (no bias, no adapter) and of ``F.linear(x, W)`` in float32 on the same x,
-  the ratio F.linear / ours (> 1: ours is faster) and the bandwidth our op
-  reaches on its weight bytes (packed + scale + zero).
+  (no bias, no adapter), of ``F.linear(x, W)`` in float32 on the same x and,
+  at INT4, of torch's ``_weight_int4pack_mm_for_cpu`` (bfloat16 x, the same
+  group size); the ratios (> 1: ours is faster); the bandwidth our op reaches
+  on its weight bytes (packed + scale + zero) and its share of the measured
+  read bandwidth; below 64 rows also the opt-in int8-activation op
+  (``ops.qlinear_int8``). At M=1 the two floors: weight bytes / bandwidth and
+  M*N*K / GEMM rate.
+* **backward**: ``qlinear_grad_input`` against the dense ``grad_y @ W``.
 * **adapter**: INT4 time with a random float32 (lora_A, lora_B) of rank r
   against the same call without, as an overhead percentage.
 * **crossover**: time of the op (INT4 unless --crossover-bits) at M rows
@@ -28,6 +36,8 @@ machine. A visit during which other processes used the CPUs is redone (see
     python bench/bench_cpu.py                      # the default tables
     python bench/bench_cpu.py --threads 1 --json bench/results/cpu_t1.json
     python bench/bench_cpu.py --quick              # smoke run, few repeats
+
+The summary at the end checks each target of issue 4 (PASS / MISS).
 """
 
 from __future__ import annotations
@@ -79,14 +89,17 @@ def _shapes(s: str) -> list[tuple[int, int]]:
     return out
 
 
-TABLES = ("forward", "adapter", "crossover")
+TABLES = ("forward", "backward", "adapter", "crossover")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", type=_shapes, default=[(4096, 4096)], help="NxK,... (default 4096x4096)")
-    p.add_argument("--m", type=_int_list, default=[1, 16, 128], help="rows of x (default 1,16,128)")
+    p.add_argument("--shapes", type=_shapes, default=[(4096, 4096), (11008, 4096), (4096, 11008)],
+                   help="NxK,... (default 4096x4096,11008x4096,4096x11008: Llama's square and MLP shapes)")
+    p.add_argument("--m", type=_int_list, default=[1, 16, 128, 512], help="rows of x (default 1,16,128,512)")
+    p.add_argument("--backward-m", type=_int_list, default=[1, 16, 128, 512],
+                   help="rows of grad_y in the backward table, first shape, INT4 (default 1,16,128,512)")
     p.add_argument("--bits", type=_int_list, default=[2, 3, 4], help="default 2,3,4")
     p.add_argument("--group-size", type=int, default=32, help="default 32")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -263,17 +276,43 @@ def ms(s: float) -> str:
 # ---------------------------------------------------------------------------
 
 
+def int4pack_copies(w: torch.Tensor, group_size: int, copies: int):
+    """torch's own CPU int4 weight (``_convert_weight_to_int4pack_for_cpu``): its RTN codes of w with
+    bfloat16 scales and zeros, ``copies`` copies; None (and the reason) where torch refuses the shape."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    codes = ((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15).reshape(n, k).to(torch.int32)
+    # torch's int4 format: W = (q - 8) * scale + zero, so zero = lo + 8 * scale
+    sz = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        x = torch.randn(1, k, dtype=torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
+    except (RuntimeError, AttributeError) as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(copies - 1)], None
+
+
 def forward_cases(args, gen: torch.Generator) -> list[Case]:
     G = args.group_size
+    threshold = int(qalora_ext._C.SMALL_M_THRESHOLD)
     cases = []
     for n, k in args.shapes:
         w = torch.randn(n, k, generator=gen) * 0.02
         wf = float_copies(w)
         xs = {m: torch.randn(m, k, generator=gen) for m in args.m}
+        tiny = None
+        if 4 in args.bits:
+            tiny, why = int4pack_copies(w, G, _timing.rotation_copies(n * k // 2 + n * (k // G) * 4))
+            if tiny is None:
+                print(f"[bench_cpu] {n}x{k} G{G}: torch's int4pack baseline unavailable ({why})", file=sys.stderr)
         for bits in args.bits:
             qs, q_bytes = quantized_copies(w, bits, G)
             for m in args.m:
                 x = xs[m]
+                xb = x.to(torch.bfloat16)
 
                 def ours(i, x=x, qs=qs, bits=bits):
                     p, s, z = qs[i]
@@ -282,18 +321,88 @@ def forward_cases(args, gen: torch.Generator) -> list[Case]:
                 def ref(i, x=x, wf=wf):
                     return F.linear(x, wf[i])
 
+                def int8(i, x=x, qs=qs, bits=bits):
+                    p, s, z = qs[i]
+                    return ops.qlinear_int8(x, p, s, z, bits=bits, group_size=G)
+
+                def int4pack(i, xb=xb, tiny=tiny):
+                    packed, sz = tiny[i]
+                    return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, G, sz)
+
+                series = [(ours, len(qs)), (ref, len(wf))]
+                has_i8 = m < threshold
+                has_tiny = bits == 4 and tiny is not None
+                if has_i8:
+                    series.append((int8, len(qs)))
+                if has_tiny:
+                    series.append((int4pack, len(tiny)))
+
                 def finish(st, n=n, k=k, bits=bits, m=m, q_bytes=q_bytes, w_bytes=nbytes(w),
-                           copies=(len(qs), len(wf))):
-                    so, sr = st
+                           copies=(len(qs), len(wf)), has_i8=has_i8, has_tiny=has_tiny):
+                    so, sr = st[0], st[1]
+                    extra = list(st[2:])
+                    si8 = extra.pop(0) if has_i8 else None
+                    stiny = extra.pop(0) if has_tiny else None
+                    io_bytes = 4 * m * (n + k)  # x read, y written
                     return {"N": n, "K": k, "bits": bits, "group_size": G, "M": m,
                             "ours": so.as_dict(), "f_linear": sr.as_dict(), "ratio": sr.median_s / so.median_s,
-                            "ours_weight_bytes": q_bytes, "ours_gbps": q_bytes / so.median_s / 1e9,
+                            "int8": si8.as_dict() if si8 else None,
+                            "int8_ratio": sr.median_s / si8.median_s if si8 else None,
+                            "int4pack": stiny.as_dict() if stiny else None,
+                            "int4pack_ratio": stiny.median_s / so.median_s if stiny else None,
+                            "ours_weight_bytes": q_bytes, "ours_gbps": (q_bytes + io_bytes) / so.median_s / 1e9,
                             "f_linear_weight_bytes": w_bytes, "f_linear_gbps": w_bytes / sr.median_s / 1e9,
                             "copies_ours": copies[0], "copies_f_linear": copies[1]}
 
-                cases.append(Case("forward", f"{n}x{k} int{bits} M={m}", m, [(ours, len(qs)), (ref, len(wf))],
-                                  finish))
+                cases.append(Case("forward", f"{n}x{k} int{bits} M={m}", m, series, finish))
     return cases
+
+
+def backward_cases(args, gen: torch.Generator) -> list[Case]:
+    G, bits = args.group_size, 4
+    n, k = args.shapes[0]
+    w = torch.randn(n, k, generator=gen) * 0.02
+    wf = float_copies(w)
+    qs, _ = quantized_copies(w, bits, G)
+    cases = []
+    for m in args.backward_m:
+        gy = torch.randn(m, n, generator=gen)
+
+        def ours(i, gy=gy):
+            p, s, z = qs[i]
+            return ops.qlinear_grad_input(gy, p, s, z, bits=bits, group_size=G)
+
+        def dense(i, gy=gy):
+            return gy @ wf[i]
+
+        def finish(st, m=m):
+            so, sd = st
+            return {"N": n, "K": k, "bits": bits, "group_size": G, "M": m, "ours": so.as_dict(),
+                    "dense": sd.as_dict(), "ours_over_dense": so.median_s / sd.median_s}
+
+        cases.append(Case("backward", f"grad_x int{bits} M={m}", m, [(ours, len(qs)), (dense, len(wf))], finish))
+    return cases
+
+
+def measure_ceilings(args, gen: torch.Generator) -> dict:
+    """Memory read bandwidth (sum of a 256 MB float32 tensor: 256 MB read per call) and the float32 GEMM
+    rate (F.linear at M=128 on the first shape, weights rotated), medians of repeated calls."""
+    big = torch.randn(64 << 20, generator=gen)  # 256 MB, 8x this machine's L3
+    big.sum()
+    reps = 3 if args.quick else 15
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        big.sum()
+        ts.append(time.perf_counter() - t)
+    read_gbps = big.numel() * 4 / _timing.Stats.of(ts).median_s / 1e9
+    del big
+    n, k = args.shapes[0]
+    wf = float_copies(torch.randn(n, k, generator=gen))
+    x = torch.randn(128, k, generator=gen)
+    samples = _timing.time_rotating([(lambda i: F.linear(x, wf[i]), len(wf))], 4 if args.quick else 20, 2)[0]
+    gemm_macs = 128 * n * k / _timing.Stats.of(samples).median_s
+    return {"read_gbps": read_gbps, "gemm_macs_per_s": gemm_macs, "gemm_shape": f"128x{k} @ {k}x{n}"}
 
 
 def adapter_cases(args, gen: torch.Generator) -> list[Case]:
@@ -415,13 +524,74 @@ def busy(r: dict) -> str:
     return f"{r['foreign_cores']:.2f}" + ("" if r["clean"] else "!")
 
 
-def forward_table(rows: list[dict]) -> str:
+def _opt(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def forward_table(rows: list[dict], ceil: dict) -> str:
     return _timing.markdown_table(
-        ["N x K", "bits", "M", "ours ms", "F.linear ms", "F.linear/ours", "ours GB/s", "F.linear GB/s", "spread",
+        ["N x K", "bits", "M", "ours ms", "F.linear ms", "F.linear/ours", "int4pack ms", "int4pack/ours",
+         "i8 act ms", "F.linear/i8", "ours GB/s", "% of read BW", "bytes floor ms", "MAC floor ms", "spread",
          BUSY],
         [[f"{r['N']}x{r['K']}", r["bits"], r["M"], ms(r["ours"]["median_s"]), ms(r["f_linear"]["median_s"]),
-          f"{r['ratio']:.2f}", f"{r['ours_gbps']:.1f}", f"{r['f_linear_gbps']:.1f}", f"{r['spread']:.2f}x", busy(r)]
-         for r in rows])
+          f"{r['ratio']:.2f}", ms(r["int4pack"]["median_s"]) if r["int4pack"] else "",
+          _opt(r["int4pack_ratio"], ".2f"), ms(r["int8"]["median_s"]) if r["int8"] else "",
+          _opt(r["int8_ratio"], ".2f"), f"{r['ours_gbps']:.1f}", f"{100 * r['ours_gbps'] / ceil['read_gbps']:.0f}%",
+          ms(r["ours_weight_bytes"] / (ceil["read_gbps"] * 1e9)) if r["M"] == 1 else "",
+          ms(r["M"] * r["N"] * r["K"] / ceil["gemm_macs_per_s"]) if r["M"] == 1 else "",
+          f"{r['spread']:.2f}x", busy(r)] for r in rows])
+
+
+def backward_table(rows: list[dict]) -> str:
+    return _timing.markdown_table(
+        ["N x K", "bits", "M", "grad_input ms", "grad_y @ W ms", "ours/dense", "spread", BUSY],
+        [[f"{r['N']}x{r['K']}", r["bits"], r["M"], ms(r["ours"]["median_s"]), ms(r["dense"]["median_s"]),
+          f"{r['ours_over_dense']:.2f}", f"{r['spread']:.2f}x", busy(r)] for r in rows])
+
+
+def target_summary(results: dict) -> list[str]:
+    """Issue 4's targets against this run: one line each, PASS or MISS (only those this run measured)."""
+    G = results["config"]["group_size"]
+    fw = {(r["N"], r["K"], r["bits"], r["M"]): r for r in results["forward"]}
+    lines = []
+
+    def check(name: str, value: float, target: float, higher_is_better: bool, unit: str = "x") -> None:
+        ok = value >= target if higher_is_better else value <= target
+        rel = ">=" if higher_is_better else "<="
+        lines.append(f"- {name}: {value:.2f}{unit} (target {rel} {target:g}{unit}) {'PASS' if ok else 'MISS'}")
+
+    for (n, k) in {(r["N"], r["K"]) for r in results["forward"]}:
+        shape = f"{n}x{k} G{G}"
+        r1 = fw.get((n, k, 4, 1))
+        if r1:
+            check(f"{shape} M=1 INT4 vs F.linear", r1["ratio"], 4.5, True)
+            if r1["int4pack_ratio"] is not None:
+                check(f"{shape} M=1 INT4 vs int4pack", r1["int4pack_ratio"], 2.0, True)
+            if r1["int8_ratio"] is not None:
+                check(f"{shape} M=1 INT4 int8-activations vs F.linear", r1["int8_ratio"], 6.0, True)
+            for b in (3, 2):
+                rb = fw.get((n, k, b, 1))
+                if rb:
+                    check(f"{shape} M=1 INT{b} time / INT4 time", rb["ours"]["median_s"] / r1["ours"]["median_s"],
+                          1.0, False)
+        r2 = fw.get((n, k, 2, 1))
+        if r2 and r2["int8_ratio"] is not None:
+            check(f"{shape} M=1 INT2 int8-activations vs F.linear", r2["int8_ratio"], 8.0, True)
+        r16 = fw.get((n, k, 4, 16))
+        if r16:
+            check(f"{shape} M=16 INT4 vs F.linear", r16["ratio"], 1.5, True)
+        for m in (128, 512):
+            for b in (2, 3, 4):
+                r = fw.get((n, k, b, m))
+                if r:
+                    check(f"{shape} M={m} INT{b} time / F.linear time", 1 / r["ratio"], 1.25, False)
+    for r in results["adapter"]:
+        check(f"adapter r={r['r']} M={r['M']} overhead", r["overhead_pct"], 10.0 if r["r"] <= 16 else 20.0, False,
+              "%")
+    for r in results["backward"]:
+        if r["M"] == 512:
+            check(f"grad_x M=512 time / dense grad_y @ W", r["ours_over_dense"], 1.3, False)
+    return lines
 
 
 def adapter_table(rows: list[dict]) -> str:
@@ -475,9 +645,13 @@ def main(argv=None) -> int:
 
     load0, monitor = _timing.load_average(), _timing.CpuMonitor()
     t0 = time.perf_counter()
+    print("[bench_cpu] measuring the read-bandwidth and GEMM ceilings", file=sys.stderr)
+    ceil = measure_ceilings(args, gen)
     cases: list[Case] = []
     if "forward" in args.tables:
         cases += forward_cases(args, gen)
+    if "backward" in args.tables:
+        cases += backward_cases(args, gen)
     if "adapter" in args.tables:
         cases += adapter_cases(args, gen)
     if "crossover" in args.tables:
@@ -488,7 +662,9 @@ def main(argv=None) -> int:
         rows = run.run(cases)
 
     results = {"machine": info, "config": {k: v for k, v in vars(args).items() if k != "json"}}
+    results["ceilings"] = ceil
     results["forward"] = [r for r in rows if r["table"] == "forward"]
+    results["backward"] = [r for r in rows if r["table"] == "backward"]
     results["adapter"] = [r for r in rows if r["table"] == "adapter"]
     results["crossover"] = [crossover_summary([r for r in rows if r["table"] == f"crossover{b}"])
                             for b in args.crossover_bits if "crossover" in args.tables]
@@ -501,10 +677,17 @@ def main(argv=None) -> int:
            f"group size {args.group_size}; x float32; ours: qalora_ext.ops.qlinear (RTN weights, float16 scales, "
            f"float32 zeros, no bias); reference: torch.nn.functional.linear float32; weights rotated through "
            f"> 64 MB of copies; times: medians of {args.rounds} round(s) pooled; spread: slowest / fastest "
-           f"round's median of the first column" + ("; --quick: NOT a measurement" if args.quick else "")]
+           f"round's median of the first column" + ("; --quick: NOT a measurement" if args.quick else ""),
+           "", f"ceilings: memory read {ceil['read_gbps']:.1f} GB/s (sum of 256 MB); float32 GEMM "
+           f"{ceil['gemm_macs_per_s'] / 1e9:.1f} G multiply-adds/s ({ceil['gemm_shape']})"]
     if results["forward"]:
-        out += ["", "## forward (F.linear/ours > 1: ours faster; GB/s = weight bytes read / median time)", "",
-                forward_table(results["forward"])]
+        out += ["", "## forward (ratios > 1: ours faster; GB/s = (weight + x + y bytes) / median time; int4pack: "
+                    "torch's _weight_int4pack_mm_for_cpu, bfloat16 x; i8 act: ops.qlinear_int8; floors at M=1: "
+                    "weight bytes / read bandwidth and M*N*K / GEMM rate)", "",
+                forward_table(results["forward"], ceil)]
+    if results["backward"]:
+        out += ["", "## backward: grad_x = qlinear_grad_input vs dense grad_y @ W (float32)", "",
+                backward_table(results["backward"])]
     if results["adapter"]:
         out += ["", "## adapter overhead (INT4; lora_A (r, K/G), lora_B (N, r) float32)", "",
                 adapter_table(results["adapter"])]
@@ -515,6 +698,9 @@ def main(argv=None) -> int:
                 f"dequantize alone ({c['dequant_block_rows']}-row blocks, no GEMM): "
                 f"{ms(c['dequant_only']['median_s'])} ms; "
                 f"smallest measured M where the large path is no slower: {c['suggested_threshold']}"]
+    summary = target_summary(results)
+    if summary:
+        out += ["", "## issue 4 targets in this run", ""] + summary
     load = "?" if load0 is None else f"{load0:.2f}"
     out += ["", f"wall time {results['wall_s']:.0f} s; load average at start {load}; CPU time of other processes "
                 f"during the run {whole['foreign_cpu_s']} s (retries and waits included), stolen by the host "
