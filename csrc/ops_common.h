@@ -3,6 +3,7 @@
 // TypeError in Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <initializer_list>
@@ -70,6 +71,53 @@ inline void check_quant_weight(const at::Tensor& packed, const at::Tensor& scale
   TORCH_CHECK_VALUE(packed.device() == scale.device() && packed.device() == zero.device(),
                     "packed, scale and zero must be on one device; got ", packed.device(), ", ", scale.device(),
                     ", ", zero.device());
+}
+
+inline StoreType store_type_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return StoreType::kFloat32;
+    case at::kHalf: return StoreType::kFloat16;
+    case at::kBFloat16: return StoreType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, what, " must be float32, float16 or bfloat16; got ", t.scalar_type());
+  }
+  return StoreType::kFloat32;
+}
+
+// quantize_rtn's input: a 2-D floating weight whose rows split into groups.
+inline void check_quantize_input(const at::Tensor& weight, int64_t bits, int64_t group_size) {
+  check_bits(bits);
+  check_group_size(group_size);
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features); got shape ", weight.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "weight must be a floating tensor; got ",
+                   weight.scalar_type());
+  check_in_features(weight.size(1), group_size, "weight");
+}
+
+inline void check_finite_weight(const at::Tensor& w) {
+  TORCH_CHECK_VALUE(at::isfinite(w).all().item<bool>(),
+                    "weight has NaN or infinite values; quantization needs finite weights");
+}
+
+// After quantization: scales and zeros must fit their storage dtypes.
+inline void check_stored_finite(const at::Tensor& scale, const at::Tensor& zero, int64_t bits) {
+  TORCH_CHECK_VALUE(at::isfinite(scale).all().item<bool>(), "a group's scale (max - min) / ", (1 << bits) - 1,
+                    " overflows ", scale.scalar_type(), "; store scales as float32 (scale_dtype=torch.float32)");
+  TORCH_CHECK_VALUE(at::isfinite(zero).all().item<bool>(), "a group's zero (its minimum) overflows ",
+                    zero.scalar_type(), "; store zeros as float32 (zero_dtype=torch.float32)");
+}
+
+// pack's input: 2-D uint8 codes, in_features a multiple of 32, every code < 2^bits.
+inline void check_codes(const at::Tensor& codes, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D (out_features, in_features); got shape ", codes.sizes());
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "codes must be uint8; got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.size(1) % kChunk == 0, "codes: in_features must be a multiple of 32; got ",
+                    codes.size(1));
+  if (codes.numel() > 0) {
+    const int64_t mx = codes.max().item<int64_t>();
+    TORCH_CHECK_VALUE(mx < (int64_t{1} << bits), "codes must be in [0, ", (1 << bits) - 1, "] for bits=", bits,
+                      "; found ", mx);
+  }
 }
 
 inline void check_activation(const at::Tensor& x, int64_t features, const char* what) {

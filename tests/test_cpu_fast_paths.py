@@ -158,3 +158,14 @@ def test_modules_use_int8_only_where_no_gradient_is_needed():
     assert torch.equal(y_train.detach(), y_float)
     y_train.sum().backward()
     assert layer.lora_A.grad is not None
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_kernel_row_blocks_for_large_in_features(isa, bits):
+    # in_features whose re-ordered x outgrows L1 (> 8192 floats) switch the M=1
+    # kernel to blocks of 4 rows; 7 rows = one block + 3 single rows.
+    packed, scale, zero, W = quantized(7, 8224, bits, 32)
+    A, B = torch.randn(4, 8224 // 32) * 0.3, torch.randn(7, 4) * 0.3
+    x = torch.randn(1, 8224)
+    y = ops.qlinear(x, packed, scale, zero, None, A, B, None, 1.0, bits=bits, group_size=32)
+    assert rel_err(y, reference.qlinear(x, W, None, A, B, None, 1.0, 32)) <= 1e-5

@@ -15,20 +15,6 @@
 namespace qalora {
 namespace cpu {
 
-// A packed weight in layout 1 (see qalora/format.h), described by pointers.
-struct PackedView {
-  const uint32_t* packed;  // (N, stride_words)
-  int64_t stride_words;
-  const void* scale;  // (N, L) in scale_type
-  StoreType scale_type;
-  const void* zero;  // (N, L) in zero_type
-  StoreType zero_type;
-  int64_t N, K;
-  int bits;
-  int group_size;
-  int64_t groups() const { return K / group_size; }
-};
-
 // The largest M the small-M kernels take (they keep M accumulators per row).
 constexpr int64_t kMaxSmallM = 64;
 

@@ -236,6 +236,56 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
   }
 }
 
+// M = 1, large K: NR output rows at a time, so each prepared x vector loaded
+// feeds NR FMAs. With one row per pass the x loads (4 bytes per code)
+// outnumber the code bytes eight to one, and for large K they come from L2.
+template <int BITS, int NR>
+void gemv_rows_m1(const PackedView& w, const float* xp, int64_t Kp, const float* xsum, const float* bias,
+                  const float* u, const float* B, int64_t rank, float* y, int64_t n0, float* const* sbuf,
+                  float* const* zbuf) {
+  constexpr int C = lane_codes(BITS), S = span_codes(BITS);
+  const int64_t L = w.groups();
+  const int lanes_per_group = w.group_size / C;
+  const int groups_per_span = lanes_per_group >= kLanes ? 0 : kLanes / lanes_per_group;
+  const __m512i gidx = lane_group_index(lanes_per_group);
+  const __m512 table = code_table<BITS>();
+  const int64_t spans = Kp / S;
+  const int64_t row_words = w.K / kChunk * BITS;
+  const ChunkGather gather;
+  const uint32_t* rows[NR];
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) {
+    rows[r] = w.packed + (n0 + r) * w.stride_words;
+    row_to_f32(w.scale, w.scale_type, (n0 + r) * L, L, sbuf[r]);
+    row_to_f32(w.zero, w.zero_type, (n0 + r) * L, L, zbuf[r]);
+    acc[r] = _mm512_setzero_ps();
+  }
+  for (int64_t s = 0; s < spans; ++s) {
+    SpanWords<BITS> sw[NR];
+    __m512 ps[NR];
+    for (int r = 0; r < NR; ++r) {
+      sw[r] = load_span<BITS>(rows[r], s, row_words, gather);
+      ps[r] = _mm512_setzero_ps();
+    }
+    const float* xs = xp + s * S;
+#pragma GCC unroll 32
+    for (int t = 0; t < C; ++t) {
+      const __m512 xv = _mm512_loadu_ps(xs + t * kLanes);
+      for (int r = 0; r < NR; ++r)
+        ps[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(plane<BITS>(sw[r], t), table), xv, ps[r]);
+    }
+    const int64_t g0 = groups_per_span ? s * groups_per_span : s * S / w.group_size;
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_fmadd_ps(ps[r], per_lane(sbuf[r], g0, gidx), acc[r]);
+  }
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n = n0 + r;
+    float v = _mm512_reduce_add_ps(acc[r]) + dot_f32(zbuf[r], xsum, L);
+    if (bias) v += bias[n];
+    if (u) v += dot_f32(u, B + n * rank, rank);
+    y[n] = v;
+  }
+}
+
 // ---- int8 activations ------------------------------------------------------
 
 // b = 2, 4: byte planes of the word lanes. xq_p[s*S + t*64 + 4i + j] =
@@ -373,8 +423,22 @@ struct RowBuffers {
 template <int BITS>
 void gemv_rows_bits(const PackedView& w, const float* xp, int64_t M, const float* xsum, const float* bias,
                     const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
-  RowBuffers buf(w.groups());
   const int64_t Kp = prepared_len(w.K, BITS), L = w.groups();
+  // Row blocks pay only when the prepared x no longer fits L1 (32 KB): then
+  // its re-reads from L2 bind. Below, one row at a time streams the codes
+  // strictly in order and measured twice as fast (INT4 4096x4096: 0.23 vs
+  // 0.47 ms; 4096x11008: 1.77 vs 1.17 ms the other way round).
+  if (M == 1 && Kp * static_cast<int64_t>(sizeof(float)) > (32 << 10)) {
+    constexpr int NR = 4;
+    RowBuffers b0(L), b1(L), b2(L), b3(L);
+    float* const sb[NR] = {b0.s, b1.s, b2.s, b3.s};
+    float* const zb[NR] = {b0.z, b1.z, b2.z, b3.z};
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) gemv_rows_m1<BITS, NR>(w, xp, Kp, xsum, bias, u, B, rank, y, n, sb, zb);
+    for (; n < n1; ++n) gemv_rows_m1<BITS, 1>(w, xp, Kp, xsum, bias, u, B, rank, y, n, sb, zb);
+    return;
+  }
+  RowBuffers buf(L);
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const int64_t mt = M - m0 < 4 ? M - m0 : 4;
     const float* x = xp + m0 * Kp;

@@ -18,18 +18,8 @@ namespace cuda {
 
 enum class ActType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// A packed weight in layout 1 on the device.
-struct DeviceWeight {
-  const uint32_t* packed;  // (N, stride_words)
-  int64_t stride_words;
-  const void* scale;  // (N, L) in scale_type
-  StoreType scale_type;
-  const void* zero;  // (N, L) in zero_type
-  StoreType zero_type;
-  int64_t N, K;
-  int bits;
-  int group_size;
-};
+// Weights are PackedView (qalora/format.h) with device pointers.
+using DeviceWeight = PackedView;
 
 // The largest M the fused GEMV serves (it keeps M accumulators per thread).
 constexpr int kGemvMaxM = 8;

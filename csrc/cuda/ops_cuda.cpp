@@ -55,16 +55,6 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "qalora CUDA kernel ", what, " failed: ", cudaGetErrorString(err));
 }
 
-StoreType store_type_of(const at::Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return StoreType::kFloat32;
-    case at::kHalf: return StoreType::kFloat16;
-    case at::kBFloat16: return StoreType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, what, " must be float32, float16 or bfloat16; got ", t.scalar_type());
-  }
-  return StoreType::kFloat32;
-}
-
 cuda::ActType act_type_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kHalf: return cuda::ActType::kFloat16;
@@ -110,16 +100,10 @@ int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCo
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn_cuda(const at::Tensor& weight, int64_t bits,
                                                                  int64_t group_size, at::ScalarType scale_dtype,
                                                                  at::ScalarType zero_dtype) {
-  check_bits(bits);
-  check_group_size(group_size);
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features); got shape ", weight.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "weight must be a floating tensor; got ",
-                   weight.scalar_type());
-  check_in_features(weight.size(1), group_size, "weight");
+  check_quantize_input(weight, bits, group_size);
   const c10::cuda::CUDAGuard guard(weight.device());
   auto w = weight.to(at::kFloat).contiguous();
-  TORCH_CHECK_VALUE(at::isfinite(w).all().item<bool>(),
-                    "weight has NaN or infinite values; quantization needs finite weights");
+  check_finite_weight(w);
   const int64_t N = w.size(0), K = w.size(1);
   auto scale = at::empty({N, K / group_size}, w.options().dtype(scale_dtype));
   auto zero = at::empty({N, K / group_size}, w.options().dtype(zero_dtype));
@@ -132,26 +116,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn_cuda(const at::Tenso
                                          reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()), packed.size(1),
                                          at::cuda::getCurrentCUDAStream()),
                "quantize_rtn");
-  TORCH_CHECK_VALUE(at::isfinite(scale).all().item<bool>(), "a group's scale (max - min) / ", (1 << bits) - 1,
-                    " overflows ", scale_dtype, "; store scales as float32 (scale_dtype=torch.float32)");
-  TORCH_CHECK_VALUE(at::isfinite(zero).all().item<bool>(), "a group's zero (its minimum) overflows ", zero_dtype,
-                    "; store zeros as float32 (zero_dtype=torch.float32)");
+  check_stored_finite(scale, zero, bits);
   return {packed, scale, zero};
 }
 
 at::Tensor pack_cuda(const at::Tensor& codes, int64_t bits) {
-  check_bits(bits);
-  TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D (out_features, in_features); got shape ", codes.sizes());
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "codes must be uint8; got ", codes.scalar_type());
-  TORCH_CHECK_VALUE(codes.size(1) % kChunk == 0, "codes: in_features must be a multiple of 32; got ",
-                    codes.size(1));
   const c10::cuda::CUDAGuard guard(codes.device());
+  check_codes(codes, bits);
   auto c = codes.contiguous();
-  if (c.numel() > 0) {
-    const int64_t mx = c.max().item<int64_t>();
-    TORCH_CHECK_VALUE(mx < (int64_t{1} << bits), "codes must be in [0, ", (1 << bits) - 1, "] for bits=", bits,
-                      "; found ", mx);
-  }
   const int64_t N = c.size(0), K = c.size(1);
   auto packed = at::zeros({N, row_stride_words(K, static_cast<int>(bits))}, c.options().dtype(at::kInt));
   if (c.numel() == 0) return packed;

@@ -207,6 +207,24 @@ QALORA_HD void write_store(void* base, int64_t i, StoreType t, float v) {
   }
 }
 
+// A packed weight in layout 1, described by raw pointers (host or device
+// memory): what every CPU and CUDA kernel takes.
+struct PackedView {
+  const uint32_t* packed;  // (N, stride_words)
+  int64_t stride_words;
+  const void* scale;  // (N, L) in scale_type
+  StoreType scale_type;
+  const void* zero;  // (N, L) in zero_type
+  StoreType zero_type;
+  int64_t N, K;
+  int bits;
+  int group_size;
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  int64_t groups() const { return K / group_size; }
+};
+
 // Value after a round trip through the storage dtype.
 QALORA_HD float round_to_store(float v, StoreType t) {
   switch (t) {
