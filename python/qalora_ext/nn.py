@@ -160,15 +160,15 @@ class QuantLinear(nn.Module):
         """The float32 weight ``W~`` (out_features, in_features)."""
         return ops.dequantize(self.packed, self.scale, self.zero, self.bits, self.group_size, self.layout)
 
-    #: Opt-in: quantize activations to int8 per group in forward passes that
-    #: need no gradient (``ops.qlinear_int8``: faster decode on CPUs with
-    #: VNNI, a bounded change of the numerics). Training always uses float.
+    #: Opt-in: quantize activations to int8 per group in CPU forward passes
+    #: that need no gradient (``ops.qlinear_int8``: faster decode on CPUs with
+    #: VNNI, a bounded change of the numerics). Training and CUDA use float.
     int8_activations: bool = False
 
     def _linear(self, x, lora_A=None, lora_B=None, pool_mask=None, scaling=1.0):
         xk = _kernel_input(x)
         op = ops.qlinear
-        if self.int8_activations and not (torch.is_grad_enabled() and any(
+        if self.int8_activations and x.device.type == "cpu" and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, lora_A, lora_B))):
             op = ops.qlinear_int8
         y = op(xk, self.packed, self.scale, self.zero, self.bias, lora_A, lora_B, pool_mask, scaling,
