@@ -154,13 +154,9 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
   // calls inside must not record autograd either: x or the adapter may
   // require grad, and mm_out refuses such inputs.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const bool adapter =
+      check_qlinear_args(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, bits, group_size, layout);
   const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
-  check_activation(x, K, "x");
-  check_same_device(x, {&packed, &scale, &zero}, "qlinear");
-  const bool adapter = check_adapter(lora_A, lora_B, N, L, x);
-  check_bias(bias, N, x);
-  check_pool_mask(pool_mask, x, L, adapter);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -300,14 +296,11 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
   // calls inside must not record autograd either: x or the adapter may
   // require grad, and mm_out refuses such inputs.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const bool adapter =
+      check_grad_input_args(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, bits, group_size, layout);
   const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
-  check_activation(grad_out, N, "grad_out");
-  check_same_device(grad_out, {&packed, &scale, &zero}, "qlinear_grad_input");
-  const bool adapter = check_adapter(lora_A, lora_B, N, L, grad_out);
   std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
   out_shape.back() = K;
-  check_pool_mask(pool_mask, grad_out, L, adapter);
   const int64_t M = grad_out.numel() / N;
   if (M == 0) return at::zeros(out_shape, grad_out.options());
 
@@ -316,12 +309,7 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
   const PackedView& w = cw.view;
 
   at::Tensor group_add;  // (M, L): the adapter's gradient, one value per group
-  if (adapter) {
-    group_add = at::mm(at::mm(gy, lora_B->to(at::kFloat)), lora_A->to(at::kFloat)) *
-                (scaling / static_cast<double>(group_size));
-    if (pool_mask) group_add = group_add * pool_mask->reshape({M, L}).to(at::kFloat);
-    group_add = group_add.contiguous();
-  }
+  if (adapter) group_add = adapter_grad_per_group(gy, *lora_A, *lora_B, pool_mask, scaling, group_size);
 
   at::Tensor gx;
   if (M < kSmallMThresholdGrad) {

@@ -181,4 +181,46 @@ inline void check_pool_mask(const std::optional<at::Tensor>& mask, const at::Ten
                     x.device());
 }
 
+// All of qlinear's / qlinear_int8's argument checks; returns whether an adapter is given.
+inline bool check_qlinear_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                               const at::Tensor& zero, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                               const std::optional<at::Tensor>& pool_mask, int64_t bits, int64_t group_size,
+                               int64_t layout) {
+  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const int64_t N = packed.size(0), L = scale.size(1);
+  check_activation(x, L * group_size, "x");
+  check_same_device(x, {&packed, &scale, &zero}, "qlinear");
+  const bool adapter = check_adapter(lora_A, lora_B, N, L, x);
+  check_bias(bias, N, x);
+  check_pool_mask(pool_mask, x, L, adapter);
+  return adapter;
+}
+
+// All of qlinear_grad_input's argument checks; returns whether an adapter is given.
+inline bool check_grad_input_args(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& scale,
+                                  const at::Tensor& zero, const std::optional<at::Tensor>& lora_A,
+                                  const std::optional<at::Tensor>& lora_B,
+                                  const std::optional<at::Tensor>& pool_mask, int64_t bits, int64_t group_size,
+                                  int64_t layout) {
+  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const int64_t N = packed.size(0), L = scale.size(1);
+  check_activation(grad_out, N, "grad_out");
+  check_same_device(grad_out, {&packed, &scale, &zero}, "qlinear_grad_input");
+  const bool adapter = check_adapter(lora_A, lora_B, N, L, grad_out);
+  check_pool_mask(pool_mask, grad_out, L, adapter);
+  return adapter;
+}
+
+// The adapter's part of grad_x, one value per (row, group) (SPEC "Backward"):
+// scaling/G * mask * ((gy B) A), float32 (M, L). gy: (M, N).
+inline at::Tensor adapter_grad_per_group(const at::Tensor& gy, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                         const std::optional<at::Tensor>& pool_mask, double scaling,
+                                         int64_t group_size) {
+  auto g = at::mm(at::mm(gy.to(at::kFloat), lora_B.to(at::kFloat)), lora_A.to(at::kFloat)) *
+           (scaling / static_cast<double>(group_size));
+  if (pool_mask) g = g * pool_mask->reshape({g.size(0), g.size(1)}).to(at::kFloat);
+  return g.contiguous();
+}
+
 }  // namespace qalora

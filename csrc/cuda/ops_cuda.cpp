@@ -175,13 +175,9 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
                         const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits, int64_t group_size,
                         int64_t layout) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the gradient is qlinear's own formula
-  check_quant_weight(packed, scale, zero, bits, group_size, layout);
+  const bool adapter =
+      check_qlinear_args(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, bits, group_size, layout);
   const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
-  check_activation(x, K, "x");
-  check_same_device(x, {&packed, &scale, &zero}, "qlinear");
-  const bool adapter = check_adapter(lora_A, lora_B, N, L, x);
-  check_bias(bias, N, x);
-  check_pool_mask(pool_mask, x, L, adapter);
   const c10::cuda::CUDAGuard guard(x.device());
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -255,12 +251,9 @@ at::Tensor qlinear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor&
                                    const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits,
                                    int64_t group_size, int64_t layout) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_quant_weight(packed, scale, zero, bits, group_size, layout);
-  const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
-  check_activation(grad_out, N, "grad_out");
-  check_same_device(grad_out, {&packed, &scale, &zero}, "qlinear_grad_input");
-  const bool adapter = check_adapter(lora_A, lora_B, N, L, grad_out);
-  check_pool_mask(pool_mask, grad_out, L, adapter);
+  const bool adapter =
+      check_grad_input_args(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, bits, group_size, layout);
+  const int64_t N = packed.size(0), K = scale.size(1) * group_size;
   const c10::cuda::CUDAGuard guard(grad_out.device());
   std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
   out_shape.back() = K;
@@ -271,9 +264,7 @@ at::Tensor qlinear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor&
   auto gy = grad_out.reshape({M, N}).contiguous();
   auto gx = at::mm(gy, dequantize_to(w, gy.scalar_type(), gy.options()));
   if (adapter) {
-    auto group_add = at::mm(at::mm(gy.to(at::kFloat), lora_B->to(at::kFloat)), lora_A->to(at::kFloat)) *
-                     (scaling / static_cast<double>(group_size));
-    if (pool_mask) group_add = group_add * pool_mask->reshape({M, L}).to(at::kFloat);
+    const auto group_add = adapter_grad_per_group(gy, *lora_A, *lora_B, pool_mask, scaling, group_size);
     gx = (gx.to(at::kFloat) + group_add.repeat_interleave(group_size, 1)).to(gy.scalar_type());
   }
   return gx.reshape(out_shape);
