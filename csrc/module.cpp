@@ -3,6 +3,8 @@
 // here are build information and CPU-dispatch controls, not tensor ops.
 #include <pybind11/pybind11.h>
 
+#include <utility>
+
 #include <stdexcept>
 #include <string>
 
@@ -20,6 +22,8 @@ namespace py = pybind11;
 namespace qalora {
 void set_nvtx(bool on);  // cuda/ops_cuda.cpp
 bool nvtx_enabled();
+void set_cuda_path_limits(int64_t gemv_max_m, int64_t mma_max_m);
+std::pair<int64_t, int64_t> cuda_path_limits();
 }  // namespace qalora
 #endif
 
@@ -36,6 +40,25 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_nvtx", &qalora::set_nvtx, py::arg("enabled"),
         "NVTX ranges around each CUDA op launch (on unless QALORA_NVTX=0).");
   m.def("nvtx_enabled", &qalora::nvtx_enabled);
+  m.def(
+      "set_cuda_path_limits",
+      [](int64_t gemv_max_m, int64_t mma_max_m) {
+        if (gemv_max_m < 0 || gemv_max_m > qalora::cuda::kGemvMaxM)
+          throw py::value_error("gemv_max_m must be in [0, " + std::to_string(qalora::cuda::kGemvMaxM) +
+                                "] (the GEMV keeps one accumulator per row); got " + std::to_string(gemv_max_m));
+        if (mma_max_m < 0) throw py::value_error("mma_max_m must be >= 0; got " + std::to_string(mma_max_m));
+        qalora::set_cuda_path_limits(gemv_max_m, mma_max_m);
+      },
+      py::arg("gemv_max_m"), py::arg("mma_max_m"),
+      "CUDA qlinear path by M: fused GEMV for M <= gemv_max_m, tensor-core kernel for M <= mma_max_m "
+      "(float16/bfloat16 x, sm_80+), dequantize + cuBLAS above.");
+  m.def("cuda_path_limits", []() {
+    const auto [g, mm] = qalora::cuda_path_limits();
+    py::dict d;
+    d["gemv_max_m"] = g;
+    d["mma_max_m"] = mm;
+    return d;
+  });
 #else
   m.attr("WITH_CUDA") = false;
 #endif

@@ -1,7 +1,8 @@
 """The CUDA kernels against the float64 reference.
 
 Every path by M (fused GEMV up to ``_C.CUDA_GEMV_MAX_M`` rows, split-K GEMV
-when the grid is small, dequantize + cuBLAS above), bits x group size x
+when the grid is small, the tensor-core kernel up to ``mma_max_m`` rows for
+float16/bfloat16 x, plain and split-K, dequantize + cuBLAS above), bits x group size x
 activation dtype, awkward shapes, storage dtypes, non-contiguous and
 misaligned input, outputs poisoned (NaN) before each run, determinism, CUDA
 graph capture, the format ops bit-identical to the CPU's, grad_input and
@@ -39,7 +40,7 @@ GROUPS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 GEMV = int(getattr(_C, "CUDA_GEMV_MAX_M", 8))
-ROWS = tuple(sorted({1, 3, GEMV, GEMV + 1, 64, 300}))  # GEMV, its edge, dequantize + cuBLAS
+ROWS = tuple(sorted({1, 3, GEMV, GEMV + 1, 64, 300}))  # GEMV, its edge, tensor cores, dequantize + cuBLAS
 # What each M of ROWS carries besides x W~^T: every combination shows up on both sides of the boundary.
 EXTRAS = {m: ("full", "bias", "adapter", "full", "none", "adapter")[i % 6] for i, m in enumerate(ROWS)}
 # (N, K, G): N = 1 / 7 / 129, K an odd number of 32-chunks or groups, and few rows with a long K, where
@@ -175,13 +176,67 @@ def test_awkward_shapes_and_split_k(dtype, bits, shape):
         check_qlinear(x, packed, scale, zero, W, bits, g, bias, A, B, mask)
 
 
+@pytest.fixture
+def path_limits():
+    """Set the CUDA path limits for one test (restored after it): path_limits(gemv_max_m, mma_max_m)."""
+    saved = _C.cuda_path_limits()
+    yield _C.set_cuda_path_limits
+    _C.set_cuda_path_limits(saved["gemv_max_m"], saved["mma_max_m"])
+
+
+# M for the tensor-core kernel: a partly live m16 tile (1, 9, 17), whole tiles (16, 64), one row into a second
+# 64-row block (65) and three blocks (130).
+MMA_ROWS = (1, 9, 16, 17, 64, 65, 130)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_tensor_core_path_at_every_m(dtype, bits, group_size, path_limits):
+    """The mma.sync kernel forced at every M of MMA_ROWS: N = 200 (the last 64-channel block partly live), K
+    ending inside a 4-chunk stage (576 = 4.5 stages, 640 = 5); then a long K with few channels, where it splits
+    K over groups (two-pass reduction)."""
+    path_limits(0, 1 << 20)
+    n, k = 200, 640 if group_size == 128 else 576
+    packed, scale, zero, W = layer(n, k, bits, group_size)
+    for i, m in enumerate(MMA_ROWS):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        bias, A, B, mask = extras(("full", "none", "adapter", "bias")[i % 4], (m,), n, k // group_size)
+        check_qlinear(x, packed, scale, zero, W, bits, group_size, bias, A, B, mask)
+    packed, scale, zero, W = layer(70, 8192, bits, group_size)  # 2 blocks of channels: split-K
+    for m, kind in ((16, "full"), (100, "none")):
+        x = torch.randn(m, 8192, device="cuda").to(dtype)
+        bias, A, B, mask = extras(kind, (m,), 70, 8192 // group_size)
+        check_qlinear(x, packed, scale, zero, W, bits, group_size, bias, A, B, mask)
+
+
+def test_path_limits_choose_the_kernel_and_are_checked(path_limits):
+    """Defaults: GEMV to _C.CUDA_GEMV_MAX_M, tensor cores to 128, cuBLAS above. Every path gives the same
+    answer within its rounding, and float32 x never takes the tensor-core path (it has no float32 MMA)."""
+    assert _C.cuda_path_limits() == {"gemv_max_m": GEMV, "mma_max_m": 128}
+    n, k, g = 96, 512, 64
+    packed, scale, zero, W = layer(n, k, 4, g)
+    x = torch.randn(12, k, device="cuda", dtype=torch.float16)
+    outs = []
+    for lim in ((0, 0), (0, 64), (GEMV, GEMV)):
+        path_limits(*lim)
+        outs.append(check_qlinear(x[:GEMV] if lim[0] else x, packed, scale, zero, W, 4, g))
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-3, atol=2e-3)
+    path_limits(0, 64)
+    check_qlinear(x.float(), packed, scale, zero, W, 4, g)  # float32: dequantize + cuBLAS
+    with pytest.raises(ValueError, match="gemv_max_m"):
+        _C.set_cuda_path_limits(GEMV + 1, 128)
+    with pytest.raises(ValueError, match="mma_max_m"):
+        _C.set_cuda_path_limits(1, -1)
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("store", STORES, ids=lambda s: f"{s[0]}-{s[1]}")
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_scale_and_zero_storage_dtypes(bits, store, dtype):
     n, k, g = 96, 512, 64
     packed, scale, zero, W = layer(n, k, bits, g, store)
-    for m in (1, GEMV, 64):
+    for m in (1, GEMV, 64, 200):  # GEMV, tensor cores, dequantize + cuBLAS
         x = torch.randn(m, k, device="cuda").to(dtype)
         bias, A, B, mask = extras("full", (m,), n, k // g)
         check_qlinear(x, packed, scale, zero, W, bits, g, bias, A, B, mask)
@@ -217,7 +272,7 @@ def test_empty_non_contiguous_and_misaligned_input():
                            ops.qlinear(xx, packed, scale, zero, bits=3, group_size=g))
 
 
-@pytest.mark.parametrize("m", sorted({1, 3, GEMV, 64}))
+@pytest.mark.parametrize("m", sorted({1, 3, GEMV, 64, 200}))
 def test_deterministic(m):
     cases = [(layer(3, 16384, 4, 32), torch.bfloat16, 4, 32),  # few rows: split-K GEMV at small M
              (layer(1024, 4096, 3, 64), torch.float16, 3, 64),
@@ -471,11 +526,12 @@ def test_nvtx_environment_variable():
 
 
 def test_sanitizer_small():
-    """One small case through each path: GEMV, split-K GEMV, dequantize + cuBLAS, grad_input, and the format
-    ops, every bit width. bench/gpu_check.sh runs it under `compute-sanitizer --tool memcheck` (with the
+    """One small case through each path: GEMV, split-K GEMV, the tensor-core kernel (plain and split-K),
+    dequantize + cuBLAS, grad_input, and the format ops, every bit width. bench/gpu_check.sh runs it under `compute-sanitizer --tool memcheck` (with the
     caching allocator off, so an access past any tensor is caught)."""
     for bits in BITS:
-        for n, k, m, g in ((40, 96, 1, 32), (3, 16384, 2, 32), (40, 192, GEMV + 4, 64), (9, 256, GEMV, 128)):
+        for n, k, m, g in ((40, 96, 1, 32), (3, 16384, 2, 32), (40, 192, GEMV + 4, 64), (9, 256, GEMV, 128),
+                           (5, 4096, 20, 32), (33, 256, 130, 32)):
             packed, scale, zero, W = layer(n, k, bits, g)
             bias, A, B, mask = extras("full", (m,), n, k // g, rank=4)
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)

@@ -322,10 +322,18 @@ cudaError_t launch_gemv(const DeviceWeight& w, const void* x, ActType xt, int64_
           splits > 1 ? workspace : nullptr, per_split);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess || splits == 1) return err;
-      split_reduce_kernel<T><<<grid_for(M * w.N, 256), 256, 0, s>>>(workspace, splits, M, w.N, bias, u, B, rank,
-                                                                    static_cast<T*>(y));
-      return cudaGetLastError();
+      return launch_split_reduce(workspace, splits, M, w.N, bias, u, B, rank, y, xt, s);
     });
+  });
+}
+
+cudaError_t launch_split_reduce(const float* partial, int splits, int64_t M, int64_t N, const float* bias,
+                                const float* u, const float* B, int64_t rank, void* y, ActType yt, cudaStream_t s) {
+  return by_type(yt, [&](auto tag) {
+    using T = decltype(tag);
+    split_reduce_kernel<T><<<grid_for(M * N, 256), 256, 0, s>>>(partial, splits, M, N, bias, u, B, rank,
+                                                                static_cast<T*>(y));
+    return cudaGetLastError();
   });
 }
 

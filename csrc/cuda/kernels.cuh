@@ -44,6 +44,20 @@ cudaError_t launch_gemv(const DeviceWeight& w, const void* x, ActType xt, int64_
 // The split count launch_gemv should use on a device with `sms` multiprocessors.
 int gemv_splits(const DeviceWeight& w, int sms);
 
+// Second pass of a split-K launch: y[m, n] = sum of the `splits` partial sums
+// (added in order) + the adapter's u . B[n] + bias[n], in y's dtype `yt`.
+cudaError_t launch_split_reduce(const float* partial, int splits, int64_t M, int64_t N, const float* bias,
+                                const float* u, const float* B, int64_t rank, void* y, ActType yt, cudaStream_t s);
+
+// Tensor-core dequant-GEMM (mma.sync m16n8k16) for medium M, float16 or
+// bfloat16 x only, sm_80 and newer. Same epilogue and split-K contract as
+// launch_gemv; splits cut K at group boundaries.
+cudaError_t launch_mma_gemm(const DeviceWeight& w, const void* x, ActType xt, int64_t M, const float* chunk_sums,
+                            const float* bias, const float* u, const float* B, int64_t rank, void* y, int splits,
+                            float* workspace, cudaStream_t s);
+// The split count launch_mma_gemm should use for M rows on `sms` multiprocessors.
+int mma_splits(const DeviceWeight& w, int64_t M, int sms);
+
 // out (N, K) in `out_type` = W~ (rows n0..N-1 all).
 cudaError_t launch_dequantize(const DeviceWeight& w, void* out, ActType out_type, cudaStream_t s);
 

@@ -29,6 +29,22 @@ std::atomic<bool>& nvtx_flag() {
 void set_nvtx(bool on) { nvtx_flag().store(on); }
 bool nvtx_enabled() { return nvtx_flag().load(); }
 
+// Path by M for qlinear (float16/bfloat16 x): fused GEMV for M <= gemv_max_m,
+// the tensor-core kernel for M <= mma_max_m, dequantize + cuBLAS above.
+// float32 x skips the tensor-core kernel. Changeable at run time
+// (_C.set_cuda_path_limits) so bench/bench_gpu.py can measure every path at
+// every M; the defaults are the crossover it measured (bench/RESULTS.md).
+namespace {
+std::atomic<int64_t> g_gemv_max_m{cuda::kGemvMaxM};
+std::atomic<int64_t> g_mma_max_m{128};
+}  // namespace
+// Checked by the caller (module.cpp): 0 <= gemv_max_m <= kGemvMaxM, mma_max_m >= 0.
+void set_cuda_path_limits(int64_t gemv_max_m, int64_t mma_max_m) {
+  g_gemv_max_m.store(gemv_max_m);
+  g_mma_max_m.store(mma_max_m);
+}
+std::pair<int64_t, int64_t> cuda_path_limits() { return {g_gemv_max_m.load(), g_mma_max_m.load()}; }
+
 namespace {
 
 class NvtxRange {
@@ -94,6 +110,22 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
 }
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+bool has_mma_m16n8k16() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
+
+enum class Path { kGemv, kMma, kDequantCublas };
+const char* path_name(Path p) {
+  switch (p) {
+    case Path::kGemv: return "gemv";
+    case Path::kMma: return "mma";
+    default: return "dequant+cublas";
+  }
+}
+Path qlinear_path(int64_t M, at::ScalarType xt) {
+  const auto [gemv_max, mma_max] = cuda_path_limits();
+  if (M <= gemv_max) return Path::kGemv;
+  if (M <= mma_max && xt != at::kFloat && has_mma_m16n8k16()) return Path::kMma;
+  return Path::kDequantCublas;
+}
 
 // ---------------------------------------------------------------------------
 
@@ -191,10 +223,10 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
 
   // Chunk sums of x (the GEMV's zeros' term and the pooled adapter input)
   // and the adapter's u = scaling/G * (mask * group sums) A^T, (M, r).
-  const bool gemv = M <= cuda::kGemvMaxM;
-  const NvtxRange range(range_name("qlinear", bits, group_size, M, N, K, gemv ? "gemv" : "dequant+cublas"));
+  const Path path = qlinear_path(M, x2.scalar_type());
+  const NvtxRange range(range_name("qlinear", bits, group_size, M, N, K, path_name(path)));
   at::Tensor chunk_sums;
-  if (gemv || adapter) {
+  if (path != Path::kDequantCublas || adapter) {
     chunk_sums = at::empty({M, K / kChunk}, f32);
     check_launch(
         cuda::launch_chunk_sums(x2.data_ptr(), act_type_of(x2), M, K, chunk_sums.data_ptr<float>(), stream),
@@ -214,16 +246,18 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
   if (bias) b = bias->to(at::kFloat).contiguous();
 
   at::Tensor y;
-  if (gemv) {
+  if (path != Path::kDequantCublas) {
     y = at::empty({M, N}, x2.options());
-    const int splits = cuda::gemv_splits(w.view, sm_count());
+    const bool gemv = path == Path::kGemv;
+    const int splits = gemv ? cuda::gemv_splits(w.view, sm_count()) : cuda::mma_splits(w.view, M, sm_count());
     at::Tensor workspace;
     if (splits > 1) workspace = at::empty({splits, M, N}, f32);
-    check_launch(cuda::launch_gemv(w.view, x2.data_ptr(), act_type_of(x2), M, chunk_sums.data_ptr<float>(),
-                                   bias ? b.data_ptr<float>() : nullptr, adapter ? u.data_ptr<float>() : nullptr,
-                                   adapter ? B.data_ptr<float>() : nullptr, adapter ? u.size(1) : 0, y.data_ptr(),
-                                   splits, splits > 1 ? workspace.data_ptr<float>() : nullptr, stream),
-                 "gemv");
+    const auto launch = gemv ? cuda::launch_gemv : cuda::launch_mma_gemm;
+    check_launch(launch(w.view, x2.data_ptr(), act_type_of(x2), M, chunk_sums.data_ptr<float>(),
+                        bias ? b.data_ptr<float>() : nullptr, adapter ? u.data_ptr<float>() : nullptr,
+                        adapter ? B.data_ptr<float>() : nullptr, adapter ? u.size(1) : 0, y.data_ptr(), splits,
+                        splits > 1 ? workspace.data_ptr<float>() : nullptr, stream),
+                 path_name(path));
   } else {
     // Large M: dequantize into a buffer of x's dtype (the caching allocator
     // reuses it call to call) and let cuBLAS do the GEMM.
