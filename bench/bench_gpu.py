@@ -47,6 +47,8 @@ MIN_ROTATE_BYTES = 100 << 20  # > 2x the H100's 50 MB L2
 BIT_SHAPE = (8192, 8192)  # the shape of the bits and adapter tables
 BIT_ROWS = (1, 16)
 ADAPTER_RANKS = (16, 64)
+PATH_ROWS = (1, 4, 8, 16, 32, 64, 128, 256, 512)  # the path-by-M table (8192x8192 INT4, float16 x)
+PATHS = ("gemv", "mma", "dequant+cublas")
 
 # Issue 5's targets: (key, label, comparison, threshold, unit)
 TARGETS_DOC = """\
@@ -95,9 +97,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(f"bad --shapes / --m: {e}")
     a.bit_rows, a.adapter_ranks, a.adapter_rounds = list(BIT_ROWS), list(ADAPTER_RANKS), 3
+    a.path_rows = list(PATH_ROWS)
     if a.quick:
         a.shapes, a.m, a.replays = [BIT_SHAPE], [1, 16], min(a.replays, 10)
         a.bit_rows, a.adapter_ranks, a.adapter_rounds = [1], [16], 1
+        a.path_rows = [8, 16, 64]
     if a.replays < 1 or a.warmup < 0:
         p.error("--replays must be >= 1 and --warmup >= 0")
     for n, k in a.shapes:
@@ -250,7 +254,7 @@ def tinygemm_sets(w: torch.Tensor, rotate_bytes: int):
 
 def collect(args) -> dict:
     import qalora_ext
-    from qalora_ext import ops
+    from qalora_ext import _C, ops
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -264,6 +268,7 @@ def collect(args) -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "qalora_ext": qalora_ext.__version__,
         "build_info": qalora_ext.build_info(), "hbm_copy_Bps": bw, "rotate_bytes": rotate,
         "replays": args.replays, "group_size": G, "main": [], "bits": [], "adapter": [], "tinygemm": {},
+        "paths": [], "path_limits": dict(_C.cuda_path_limits()),
     }
 
     def ours_calls(sets, x, bits, adapters=None):
@@ -350,9 +355,65 @@ def collect(args) -> dict:
                 "adapter_s": statistics.median([t for _, t in pairs]) if pairs else None,
                 "overhead_pct": statistics.median([100 * (t / b - 1) for b, t in pairs]) if pairs else None})
         del ads
+        res["paths"] = time_paths(args, sets, n, k, ours_calls)
     del w, sets_by_bits
     torch.cuda.empty_cache()
     return res
+
+
+def path_limits_for(path: str, m: int) -> Optional[tuple[int, int]]:
+    """(gemv_max_m, mma_max_m) that send M rows down `path`, or None where the path cannot take M."""
+    from qalora_ext import _C
+
+    if path == "gemv":
+        return (m, m) if m <= _C.CUDA_GEMV_MAX_M else None
+    if path == "mma":
+        return (0, m)
+    return (0, 0)
+
+
+def time_paths(args, sets, n, k, ours_calls) -> list[dict]:
+    """Every CUDA path of qlinear at every M of the path table (forced with _C.set_cuda_path_limits): the
+    measured table the default limits come from."""
+    from qalora_ext import _C
+
+    saved = _C.cuda_path_limits()
+    rows = []
+    try:
+        for m in args.path_rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            row = {"M": m, "N": n, "K": k}
+            for path in PATHS:
+                lim = path_limits_for(path, m)
+                if lim is None:
+                    row[path] = None
+                    continue
+                _C.set_cuda_path_limits(*lim)
+                row[path], note = measure(f"path {path} {n}x{k} M={m}", ours_calls(sets, x, 4), args)
+                if note:
+                    row.setdefault("notes", []).append(f"{path}: {note}")
+            rows.append(row)
+    finally:
+        _C.set_cuda_path_limits(saved["gemv_max_m"], saved["mma_max_m"])
+    return rows
+
+
+def recommended_limits(paths: list[dict]) -> Optional[dict]:
+    """The limits the path table measured: gemv up to the largest M where it is the fastest path, the tensor-core
+    kernel up to the largest M where it beats dequantize + cuBLAS."""
+    if not paths:
+        return None
+    gemv_max, mma_max = 0, 0
+    for r in paths:
+        times = {p: r.get(p) for p in PATHS if r.get(p)}
+        if not times:
+            continue
+        best = min(times, key=times.get)
+        if best == "gemv":
+            gemv_max = max(gemv_max, r["M"])
+        if r.get("mma") and r.get("dequant+cublas") and r["mma"] < r["dequant+cublas"]:
+            mma_max = max(mma_max, r["M"])
+    return {"gemv_max_m": gemv_max, "mma_max_m": max(mma_max, gemv_max)}
 
 
 def fake_results(args) -> dict:
@@ -361,7 +422,7 @@ def fake_results(args) -> dict:
     res = {"device": "dry run (no GPU)", "sms": 132, "l2_bytes": 50 << 20, "torch": torch.__version__,
            "cuda": None, "qalora_ext": None, "build_info": {}, "hbm_copy_Bps": bw, "rotate_bytes": MIN_ROTATE_BYTES,
            "replays": args.replays, "group_size": G, "main": [], "bits": [], "adapter": [],
-           "tinygemm": {f"{n}x{k}": "ok" for n, k in args.shapes}}
+           "tinygemm": {f"{n}x{k}": "ok" for n, k in args.shapes}, "paths": []}
 
     def model(bytes_, m, n, k, eff=0.8):
         return bytes_ / (bw * eff) + 2 * m * n * k / flops + 3e-6
@@ -383,6 +444,13 @@ def fake_results(args) -> dict:
         for m in args.bit_rows:
             b = wbytes(n, k, bits) + 2 * m * (k + n)
             res["bits"].append({"bits": bits, "M": m, "s": model(b, m, n, k, 0.7), "bytes": b, "R": 3, "note": None})
+    res["path_limits"] = {"gemv_max_m": 8, "mma_max_m": 128}
+    for m in args.path_rows:
+        io = 2 * m * (k + n)
+        res["paths"].append({"M": m, "N": n, "K": k,
+                             "gemv": model(wbytes(n, k, 4) + io, m, n, k, 0.75 / (1 + m / 8)) if m <= 8 else None,
+                             "mma": model(wbytes(n, k, 4) + io, m, n, k, 0.6),
+                             "dequant+cublas": model(2 * n * k + wbytes(n, k, 4) * 3 + io, m, n, k, 0.9)})
     base = model(wbytes(n, k, 4), 1, n, k, 0.75)
     for r in args.adapter_ranks:
         t = base * (1.03 if r == 16 else 1.12)
@@ -488,6 +556,18 @@ def render(res: dict, tgts: list[dict]) -> list[str]:
         for r in res["adapter"]:
             L.append(f"| {r['r']} | {_us(r['base_s'])} | {_us(r['adapter_s'])} | "
                      f"{_fmt(r['overhead_pct'], '+.1f', '%')} |")
+    if res.get("paths"):
+        r0 = res["paths"][0]
+        L += ["", f"## Path by M, {r0['N']}x{r0['K']} INT4 G{res['group_size']}, float16 x (each path forced)", "",
+              "| M | gemv (us) | mma (us) | dequant+cuBLAS (us) | fastest |", "|---:|---:|---:|---:|---|"]
+        for r in res["paths"]:
+            times = {p: r.get(p) for p in PATHS if r.get(p)}
+            best = min(times, key=times.get) if times else "n/a"
+            L.append(f"| {r['M']} | {_us(r.get('gemv'))} | {_us(r.get('mma'))} | {_us(r.get('dequant+cublas'))} | "
+                     f"{best} |")
+        rec = recommended_limits(res["paths"])
+        L += ["", f"Limits in this build: {res.get('path_limits')}; measured here: {rec} "
+              "(`_C.set_cuda_path_limits(gemv_max_m, mma_max_m)`; the defaults live in csrc/cuda/ops_cuda.cpp)."]
     L += ["", "## Issue 5 targets", ""]
     for t in tgts:
         v = _fmt(t["value"], ".1f" if t["unit"] == "%" else ".2f", t["unit"])

@@ -53,6 +53,8 @@ ops = ["quantize_rtn", "pack", "unpack", "dequantize", "qlinear", "qlinear_int8"
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"qalora::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print("CUDA kernels registered for every op:", ", ".join(ops))
+from qalora_ext import _C
+print("CUDA paths by M:", _C.cuda_path_limits(), "(GEMV up to", _C.CUDA_GEMV_MAX_M, "rows at most)")
 PY
 log "CPU op tests against the CUDA build (torch $TORCH_SPEC)"
 cd "$ROOT"
