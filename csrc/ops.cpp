@@ -154,6 +154,7 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
   // calls inside must not record autograd either: x or the adapter may
   // require grad, and mm_out refuses such inputs.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelDispatchGuard kernel_guard;  // the kernel's own casts, not autocast's
   const bool adapter =
       check_qlinear_args(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, bits, group_size, layout);
   const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
@@ -296,6 +297,7 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
   // calls inside must not record autograd either: x or the adapter may
   // require grad, and mm_out refuses such inputs.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelDispatchGuard kernel_guard;  // the kernel's own casts, not autocast's
   const bool adapter =
       check_grad_input_args(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, bits, group_size, layout);
   const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <initializer_list>
@@ -23,6 +24,14 @@ constexpr int64_t kSmallMThreshold = 64;
 constexpr int64_t kSmallMThresholdGrad = 10;
 
 inline int64_t cpu_chunk() { return kChunk; }
+
+// Inside an op's kernel, ATen calls run without autocast: the op already took
+// the activations' dtype (a module under autocast casts x before the call),
+// and autocast would otherwise re-cast some operands of the kernel's own
+// GEMMs (bfloat16 x against float32 adapter products) but not others.
+struct KernelDispatchGuard {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
 
 inline void check_layout(int64_t layout) {
   TORCH_CHECK_VALUE(layout == kLayoutCanonical, "packed layout id ", layout,

@@ -207,6 +207,7 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
                         const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits, int64_t group_size,
                         int64_t layout) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the gradient is qlinear's own formula
+  const KernelDispatchGuard kernel_guard;  // the kernel's own casts, not autocast's
   const bool adapter =
       check_qlinear_args(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, bits, group_size, layout);
   const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
@@ -285,6 +286,7 @@ at::Tensor qlinear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor&
                                    const std::optional<at::Tensor>& pool_mask, double scaling, int64_t bits,
                                    int64_t group_size, int64_t layout) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelDispatchGuard kernel_guard;  // the kernel's own casts, not autocast's
   const bool adapter =
       check_grad_input_args(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, bits, group_size, layout);
   const int64_t N = packed.size(0), K = scale.size(1) * group_size;
