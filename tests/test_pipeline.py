@@ -146,6 +146,25 @@ def test_cli_errors_are_clear(tiny_dir, tmp_path, capsys):
     assert "no adapters" in capsys.readouterr().err
 
 
+def test_cli_finetune_device_and_autocast(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--bits", "4", "--data", str(text_file), "--steps", "2",
+                     "--batch-size", "2", "--seq-len", "32", "--rank", "4", "--device", "cpu", "--autocast", "bf16",
+                     "--out", str(out)]) == 0
+    trained = qalora_ext.load_quantized(out)
+    assert any(isinstance(m, QALoRALinear) and m.lora_B.abs().sum() > 0 for m in trained.modules())
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--data", str(text_file), "--steps", "1",
+                     "--device", "meta", "--out", str(tmp_path / "o")]) == 2
+    assert "cpu or cuda" in capsys.readouterr().err
+    assert cli.main(["finetune", "--model", str(tiny_dir), "--data", str(text_file), "--steps", "1",
+                     "--device", "gpu0", "--out", str(tmp_path / "o")]) == 2
+    assert "is not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["finetune", "--model", str(tiny_dir), "--data", str(text_file), "--steps", "1",
+                         "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
 def test_cli_help_runs():
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])

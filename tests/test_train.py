@@ -65,6 +65,24 @@ def test_loss_decreases(fresh_seed):
     assert last < first - 0.2, result.losses
 
 
+def test_bf16_autocast_trains_float32_adapters(fresh_seed):
+    """autocast=bfloat16: the packed layers see bfloat16 activations, the adapters stay float32 with float32
+    gradients, and the loss still falls."""
+    model = tiny_model(fresh_seed)
+    seen = []
+    layer = next(m for m in model.modules() if isinstance(m, qalora_ext.QALoRALinear))
+    hook = layer.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    result = finetune(model, random_dataset(4, 32), steps=30, batch_size=4, lr=3e-2, autocast=torch.bfloat16,
+                      **quiet())
+    hook.remove()
+    assert seen and all(o == torch.bfloat16 for _, o in seen), seen[:3]
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < first - 0.2, result.losses
+    with pytest.raises(ValueError, match="loss scaling"):
+        finetune(model, random_dataset(4), steps=1, autocast=torch.float16, **quiet())
+
+
 def test_only_adapters_change(fresh_seed):
     model = tiny_model(fresh_seed)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -145,15 +145,48 @@ def _training_model(args):
     return lm, tokenizer
 
 
+def _training_device(name: str):
+    """The device `qalora finetune --device` names; under torchrun, `cuda` means this rank's GPU."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: training runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'})")
+        from . import build_info
+
+        if not build_info().get("cuda_kernels"):
+            raise ValueError(f"--device {name}: this build of qalora_ext has no CUDA kernels "
+                             "(rebuild with a CUDA toolkit and a CUDA torch, or QALORA_CUDA=ON)")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def cmd_finetune(args) -> int:
+    import torch
+
     from . import data, pipeline, train
 
+    device = _training_device(args.device)
+    autocast = {"none": None, "bf16": torch.bfloat16}[args.autocast or ("bf16" if device.type == "cuda" else "none")]
     lm, tokenizer = _training_model(args)
+    lm.to(device)
     dataset = data.load_training_data(args.data, tokenizer, args.seq_len, max_examples=args.max_examples)
     result = train.finetune(
         lm, dataset, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup_steps, gradient_checkpointing=args.gradient_checkpointing, output_dir=args.out,
-        save_every=args.save_every, resume=args.resume, seed=args.seed, progress=True, loss_plot=True)
+        save_every=args.save_every, resume=args.resume, seed=args.seed, progress=True, loss_plot=True,
+        autocast=autocast)
+    lm.to("cpu")
     if _rank() == 0:
         out = pipeline.save_model(lm, tokenizer, args.out)
         last = result.losses[-1] if result.losses else float("nan")
@@ -279,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out; the result equals an uninterrupted run")
     t.add_argument("--seed", type=int, default=0, help="data order and adapter init seed (default 0)")
+    t.add_argument("--device", default="cpu", metavar="DEV",
+                   help="cpu (default), cuda or cuda:N: where the packed model trains (under torchrun, cuda is "
+                        "each rank's LOCAL_RANK GPU)")
+    t.add_argument("--autocast", choices=("none", "bf16"), default=None,
+                   help="bf16: forward under bfloat16 autocast (adapters stay float32); default bf16 on cuda, "
+                        "none on cpu")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: the model with its adapters, checkpoints, loss.png")
 

@@ -355,6 +355,7 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     loss_plot: bool = True,
+    autocast: Optional[torch.dtype] = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad up to optimizer step ``steps``.
 
@@ -412,6 +413,13 @@ def finetune(
 
     Dropout masks come from torch's global RNG, which this function does not
     seed (it restores it on resume).
+
+    ``autocast``: ``torch.bfloat16`` runs each forward under
+    ``torch.autocast(device, bfloat16)``: the packed layers then take bfloat16
+    activations (on CUDA: the tensor-core and cuBLAS paths), the adapters keep
+    their float32 master copy and float32 gradients, and the loss is computed
+    in float32. ``None`` (default): the model's own dtype. float16 is refused
+    (it would need loss scaling).
     """
     _check_int("steps", steps, 1)
     _check_int("batch_size", batch_size, 1)
@@ -435,6 +443,9 @@ def finetune(
     if not isinstance(first, dict) or "input_ids" not in first:
         raise ValueError(f"dataset items must be dicts with 'input_ids'; item 0 is {type(first).__name__}"
                          + (f" with keys {sorted(first)}" if isinstance(first, dict) else ""))
+    if autocast is not None and autocast != torch.bfloat16:
+        raise ValueError(f"autocast must be None or torch.bfloat16; got {autocast!r}"
+                         + (" (float16 would need loss scaling)" if autocast == torch.float16 else ""))
     if output_dir is None and (save_every or resume):
         raise ValueError(f"save_every={save_every} and resume={resume} need an output_dir")
     if not any(p.requires_grad for p in model.parameters()):
@@ -499,6 +510,8 @@ def finetune(
             scheduler.load_state_dict(saved["scheduler"])
             start = saved["step"]
             result.losses = list(saved["losses"])
+        amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+               else contextlib.nullcontext())
         per_step = batch_size * ctx.world_size * grad_accum
         order = _DataOrder(n_examples, seed, position=start * per_step)
 
@@ -544,7 +557,9 @@ def finetune(
                         inputs = {"input_ids": b["input_ids"]}
                         if "attention_mask" in b:
                             inputs["attention_mask"] = b["attention_mask"]
-                        nll, _ = token_nll_sum(train_model(**inputs).logits, _labels_of(b))
+                        with amp:
+                            logits = train_model(**inputs).logits
+                        nll, _ = token_nll_sum(logits, _labels_of(b))
                         # DDP averages gradients over ranks; scaling by world_size
                         # makes the result the gradient of the global token mean.
                         (nll * (ctx.world_size / n_targets)).backward()
