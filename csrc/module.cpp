@@ -2,8 +2,10 @@
 // (TORCH_LIBRARY in ops.cpp, plus ops_cuda.cu in CUDA builds); the functions
 // here are build information and CPU-dispatch controls, not tensor ops.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
-#include <utility>
+#include <array>
+#include <optional>
 
 #include <stdexcept>
 #include <string>
@@ -22,8 +24,8 @@ namespace py = pybind11;
 namespace qalora {
 void set_nvtx(bool on);  // cuda/ops_cuda.cpp
 bool nvtx_enabled();
-void set_cuda_path_limits(int64_t gemv_max_m, int64_t mma_max_m);
-std::pair<int64_t, int64_t> cuda_path_limits();
+void set_cuda_path_limits(int64_t gemv_max_m, int64_t mma_max_m, int64_t grad_mma_max_m);
+std::array<int64_t, 3> cuda_path_limits();
 }  // namespace qalora
 #endif
 
@@ -42,21 +44,25 @@ PYBIND11_MODULE(_C, m) {
   m.def("nvtx_enabled", &qalora::nvtx_enabled);
   m.def(
       "set_cuda_path_limits",
-      [](int64_t gemv_max_m, int64_t mma_max_m) {
+      [](int64_t gemv_max_m, int64_t mma_max_m, std::optional<int64_t> grad_mma_max_m) {
         if (gemv_max_m < 0 || gemv_max_m > qalora::cuda::kGemvMaxM)
           throw py::value_error("gemv_max_m must be in [0, " + std::to_string(qalora::cuda::kGemvMaxM) +
                                 "] (the GEMV keeps one accumulator per row); got " + std::to_string(gemv_max_m));
         if (mma_max_m < 0) throw py::value_error("mma_max_m must be >= 0; got " + std::to_string(mma_max_m));
-        qalora::set_cuda_path_limits(gemv_max_m, mma_max_m);
+        const int64_t grad = grad_mma_max_m.value_or(qalora::cuda_path_limits()[2]);
+        if (grad < 0) throw py::value_error("grad_mma_max_m must be >= 0; got " + std::to_string(grad));
+        qalora::set_cuda_path_limits(gemv_max_m, mma_max_m, grad);
       },
-      py::arg("gemv_max_m"), py::arg("mma_max_m"),
-      "CUDA qlinear path by M: fused GEMV for M <= gemv_max_m, tensor-core kernel for M <= mma_max_m "
-      "(float16/bfloat16 x, sm_80+), dequantize + cuBLAS above.");
+      py::arg("gemv_max_m"), py::arg("mma_max_m"), py::arg("grad_mma_max_m") = py::none(),
+      "CUDA paths by M. qlinear: fused GEMV for M <= gemv_max_m, tensor-core kernel for M <= mma_max_m "
+      "(float16/bfloat16 x, sm_80+), dequantize + cuBLAS above. qlinear_grad_input: tensor-core kernel from the "
+      "packed codes for M <= grad_mma_max_m (unchanged when not given), dequantize + cuBLAS above.");
   m.def("cuda_path_limits", []() {
-    const auto [g, mm] = qalora::cuda_path_limits();
+    const auto [g, mm, gr] = qalora::cuda_path_limits();
     py::dict d;
     d["gemv_max_m"] = g;
     d["mma_max_m"] = mm;
+    d["grad_mma_max_m"] = gr;
     return d;
   });
 #else

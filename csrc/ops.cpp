@@ -161,8 +161,8 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  const int64_t M = x.numel() / K;
-  if (M == 0) return at::zeros(out_shape, x.options());
+  const int64_t M = leading_rows(x);
+  if (M == 0 || N == 0) return at::zeros(out_shape, x.options());
 
   auto x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
   const auto cw = contiguous_weight(packed, scale, zero, bits, group_size);
@@ -303,8 +303,8 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
   const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
   std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
   out_shape.back() = K;
-  const int64_t M = grad_out.numel() / N;
-  if (M == 0) return at::zeros(out_shape, grad_out.options());
+  const int64_t M = leading_rows(grad_out);
+  if (M == 0 || N == 0) return at::zeros(out_shape, grad_out.options());  // N == 0: an empty sum
 
   auto gy = grad_out.reshape({M, N}).to(at::kFloat).contiguous();
   const auto cw = contiguous_weight(packed, scale, zero, bits, group_size);

@@ -25,6 +25,14 @@ constexpr int64_t kSmallMThresholdGrad = 10;
 
 inline int64_t cpu_chunk() { return kChunk; }
 
+// Rows of a (..., F) tensor: the product of its leading dimensions (well
+// defined when F is 0, unlike numel() / F).
+inline int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 // Inside an op's kernel, ATen calls run without autocast: the op already took
 // the activations' dtype (a module under autocast casts x before the call),
 // and autocast would otherwise re-cast some operands of the kernel's own

@@ -2,7 +2,8 @@
 
 Every path by M (fused GEMV up to ``_C.CUDA_GEMV_MAX_M`` rows, split-K GEMV
 when the grid is small, the tensor-core kernel up to ``mma_max_m`` rows for
-float16/bfloat16 x, plain and split-K, dequantize + cuBLAS above), bits x group size x
+float16/bfloat16 x, plain and split-K, dequantize + cuBLAS above; grad_input
+by tensor cores from the packed codes or dequantize + cuBLAS), bits x group size x
 activation dtype, awkward shapes, storage dtypes, non-contiguous and
 misaligned input, outputs poisoned (NaN) before each run, determinism, CUDA
 graph capture, the format ops bit-identical to the CPU's, grad_input and
@@ -18,6 +19,7 @@ correct result fail.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -181,7 +183,7 @@ def path_limits():
     """Set the CUDA path limits for one test (restored after it): path_limits(gemv_max_m, mma_max_m)."""
     saved = _C.cuda_path_limits()
     yield _C.set_cuda_path_limits
-    _C.set_cuda_path_limits(saved["gemv_max_m"], saved["mma_max_m"])
+    _C.set_cuda_path_limits(saved["gemv_max_m"], saved["mma_max_m"], saved["grad_mma_max_m"])
 
 
 # M for the tensor-core kernel: a partly live m16 tile (1, 9, 17), whole tiles (16, 64), one row into a second
@@ -213,7 +215,7 @@ def test_tensor_core_path_at_every_m(dtype, bits, group_size, path_limits):
 def test_path_limits_choose_the_kernel_and_are_checked(path_limits):
     """Defaults: GEMV to _C.CUDA_GEMV_MAX_M, tensor cores to 128, cuBLAS above. Every path gives the same
     answer within its rounding, and float32 x never takes the tensor-core path (it has no float32 MMA)."""
-    assert _C.cuda_path_limits() == {"gemv_max_m": GEMV, "mma_max_m": 128}
+    assert _C.cuda_path_limits() == {"gemv_max_m": GEMV, "mma_max_m": 128, "grad_mma_max_m": 256}
     n, k, g = 96, 512, 64
     packed, scale, zero, W = layer(n, k, 4, g)
     x = torch.randn(12, k, device="cuda", dtype=torch.float16)
@@ -228,6 +230,10 @@ def test_path_limits_choose_the_kernel_and_are_checked(path_limits):
         _C.set_cuda_path_limits(GEMV + 1, 128)
     with pytest.raises(ValueError, match="mma_max_m"):
         _C.set_cuda_path_limits(1, -1)
+    with pytest.raises(ValueError, match="grad_mma_max_m"):
+        _C.set_cuda_path_limits(1, 1, -1)
+    path_limits(1, 2)  # grad_mma_max_m not given: unchanged
+    assert _C.cuda_path_limits()["grad_mma_max_m"] == 256
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -398,6 +404,32 @@ def test_grad_input(dtype, bits, lead):
     assert rel_err(gx0, reference.qlinear_grad_input(gy.cpu(), W), gy, W, n) <= tol(dtype, n, gx.numel())
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_grad_input_tensor_core_path(dtype, bits, group_size, path_limits):
+    """qlinear_grad_input's tensor-core kernel from the packed codes, forced on (and off, for the same data): M
+    from 1 to 130, N = 200 (ends inside a 32-row stage), K = 608 / 640 (ends inside a 64-channel block), with the
+    adapter term in the epilogue; N % 8 != 0 falls back to dequantize + cuBLAS."""
+    n, k = 200, 640 if group_size == 128 else 608
+    packed, scale, zero, W = layer(n, k, bits, group_size)
+    for lim in (1 << 20, 0):
+        path_limits(GEMV, 128, lim)
+        for i, m in enumerate((1, 9, 64, 130)):
+            _, A, B, mask = extras(("full", "none", "adapter", "full")[i], (m,), n, k // group_size, rank=4)
+            gy = torch.randn(m, n, device="cuda").to(dtype)
+            poison()
+            gx = ops.qlinear_grad_input(gy, packed, scale, zero, A, B, mask, 1.5, bits=bits, group_size=group_size)
+            ref = reference.qlinear_grad_input(gy.cpu(), W, cpu(A), cpu(B), cpu(mask), 1.5, group_size)
+            assert gx.dtype == dtype and gx.shape == (m, k)
+            assert rel_err(gx, ref, gy, W, n) <= tol(dtype, n, gx.numel()), (lim, m)
+    path_limits(GEMV, 128, 1 << 20)
+    packed, scale, zero, W = layer(30, 256, bits, 32)  # N % 8 != 0
+    gy = torch.randn(7, 30, device="cuda").to(dtype)
+    gx = ops.qlinear_grad_input(gy, packed, scale, zero, bits=bits, group_size=32)
+    assert rel_err(gx, reference.qlinear_grad_input(gy.cpu(), W), gy, W, 30) <= tol(dtype, 30, gx.numel())
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("lead", [(1,), (2, 3), (20,)], ids=str)
 @pytest.mark.parametrize("with_mask", (False, True))
@@ -423,6 +455,64 @@ def test_autograd_through_the_op(dtype, lead, with_mask):
     gA, gB = reference.adapter_grads(x0.cpu(), gy.cpu(), A0.cpu(), B0.cpu(), cpu(mask), 0.5, g)
     assert ((A.grad.double().cpu() - gA).norm() / gA.norm()).item() <= 1e-5
     assert ((B.grad.double().cpu() - gB).norm() / gB.norm()).item() <= 1e-5
+
+
+# ---- training (issue 6; `bash bench/gpu_check.sh train` runs these: -k train) ----------------------------
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_train_step_under_bf16_autocast(bits, group_size):
+    """A training-sized step of QALoRALinear under bfloat16 autocast (the forward on the cuBLAS path at 512 rows and
+    on the tensor-core path at 96): grad_x from qlinear_grad_input, float32 grad_A and grad_B, against the float64
+    reference at the bfloat16 inputs the kernels saw."""
+    n, k = 192, 512
+    lin = torch.nn.Linear(k, n, bias=True)
+    mod = QALoRALinear(QuantLinear.from_linear(lin, bits=bits, group_size=group_size), rank=16, alpha=32,
+                       dropout=0.0).cuda()
+    torch.nn.init.normal_(mod.lora_B, std=0.05)
+    W = mod.base.dequantize().double().cpu()
+    for m in (96, 512):
+        mod.zero_grad()
+        x = torch.randn(4, m // 4, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = mod(x)
+        assert y.dtype == torch.bfloat16
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        assert mod.lora_A.grad.dtype == mod.lora_B.grad.dtype == torch.float32
+        xr = x.detach().cpu().double().requires_grad_()
+        Ar = mod.lora_A.detach().cpu().double().requires_grad_()
+        Br = mod.lora_B.detach().cpu().double().requires_grad_()
+        ref = reference.qlinear(xr, W, mod.base.bias.cpu().double(), Ar, Br, None, mod.scaling, group_size)
+        ref.backward(gy.cpu().double())
+        assert rel_err(y, ref.detach(), x, W, k) <= tol(torch.bfloat16, k, y.numel())
+        assert rel_err(x.grad, xr.grad, gy, W, n) <= tol(torch.bfloat16, n, x.numel())
+        for got, want in ((mod.lora_A.grad, Ar.grad), (mod.lora_B.grad, Br.grad)):
+            assert ((got.double().cpu() - want).norm() / want.norm()).item() <= 1e-4
+
+
+def test_train_finetune_cli_on_cuda(tmp_path):
+    """`qalora finetune --device cuda` (bf16 autocast by default) with gradient checkpointing on the tiny Llama:
+    the loss is finite, the adapters train, and the saved model loads on the CPU."""
+    from pydoc_data.topics import topics
+
+    from qalora_ext import cli
+    from tiny_llm import save_tiny_llama
+
+    tiny = save_tiny_llama(tmp_path / "llama")
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(topics[t] for t in sorted(topics)[40:50]))
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--model", str(tiny), "--bits", "3", "--data", str(text), "--steps", "4",
+                     "--batch-size", "2", "--seq-len", "64", "--rank", "8", "--lr", "1e-2", "--device", "cuda",
+                     "--gradient-checkpointing", "--out", str(out)]) == 0
+    trained = qalora_ext.load_quantized(out)
+    adapters = [m for m in trained.modules() if isinstance(m, QALoRALinear)]
+    assert adapters and all(m.lora_A.device.type == "cpu" for m in adapters)
+    assert any(m.lora_B.abs().sum() > 0 for m in adapters)
+    state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
+    assert all(math.isfinite(v) for v in state["losses"])
 
 
 def test_autograd_through_the_adapter_layer():
@@ -527,7 +617,8 @@ def test_nvtx_environment_variable():
 
 def test_sanitizer_small():
     """One small case through each path: GEMV, split-K GEMV, the tensor-core kernel (plain and split-K),
-    dequantize + cuBLAS, grad_input, and the format ops, every bit width. bench/gpu_check.sh runs it under `compute-sanitizer --tool memcheck` (with the
+    dequantize + cuBLAS, grad_input (tensor cores where N % 8 == 0, else cuBLAS), and the format ops, every bit
+    width. bench/gpu_check.sh runs it under `compute-sanitizer --tool memcheck` (with the
     caching allocator off, so an access past any tensor is caught)."""
     for bits in BITS:
         for n, k, m, g in ((40, 96, 1, 32), (3, 16384, 2, 32), (40, 192, GEMV + 4, 64), (9, 256, GEMV, 128),

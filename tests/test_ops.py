@@ -360,3 +360,18 @@ def test_large_m_path_runs_in_the_callers_mode(mode):
     finally:
         torch.set_num_threads(threads)
     assert rel_err(y.detach(), reference.qlinear(x.detach().double(), W, None, None, None, None, 1.0, g)) <= 1e-5
+
+
+def test_zero_output_features_is_an_empty_sum():
+    """N = 0 (a layer with no outputs): y is (..., 0) and grad_x is zeros, through the op, the raw op and autograd
+    (it once divided by N)."""
+    packed = torch.zeros(0, 4, dtype=torch.int32)
+    scale, zero = torch.zeros(0, 1, dtype=torch.float16), torch.zeros(0, 1)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    A, B = torch.randn(2, 1, requires_grad=True), torch.randn(0, 2, requires_grad=True)
+    y = ops.qlinear(x, packed, scale, zero, None, A, B, bits=4, group_size=32)
+    assert y.shape == (2, 3, 0)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(A.grad, torch.zeros_like(A))
+    gx = torch.ops.qalora.qlinear_grad_input(torch.randn(5, 0), packed, scale, zero, None, None, None, 1.0, 4, 32, 1)
+    assert gx.shape == (5, 32) and not gx.any()

@@ -58,6 +58,13 @@ cudaError_t launch_mma_gemm(const DeviceWeight& w, const void* x, ActType xt, in
 // The split count launch_mma_gemm should use for M rows on `sms` multiprocessors.
 int mma_splits(const DeviceWeight& w, int64_t M, int sms);
 
+// Tensor-core grad_input from the packed codes (grad_mma.cu): grad_x (M, K)
+// = grad_out (M, N) W~ + group_add[m, k / G] (group_add (M, L) float32 or
+// null), float16 or bfloat16, sm_80 and newer; needs N % 8 == 0 and grad_out
+// rows on 16-byte boundaries.
+cudaError_t launch_grad_mma(const DeviceWeight& w, const void* grad_out, ActType t, int64_t M,
+                            const float* group_add, void* grad_x, cudaStream_t s);
+
 // out (N, K) in `out_type` = W~ (rows n0..N-1 all).
 cudaError_t launch_dequantize(const DeviceWeight& w, void* out, ActType out_type, cudaStream_t s);
 

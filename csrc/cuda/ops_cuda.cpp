@@ -8,6 +8,7 @@
 #include <nvtx3/nvToolsExt.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -35,15 +36,22 @@ bool nvtx_enabled() { return nvtx_flag().load(); }
 // (_C.set_cuda_path_limits) so bench/bench_gpu.py can measure every path at
 // every M; the defaults are the crossover it measured (bench/RESULTS.md).
 namespace {
+// qlinear_grad_input likewise: the tensor-core kernel from the packed codes up
+// to grad_mma_max_m rows of grad_out (float16/bfloat16, N % 8 == 0), else
+// dequantize + cuBLAS.
 std::atomic<int64_t> g_gemv_max_m{cuda::kGemvMaxM};
 std::atomic<int64_t> g_mma_max_m{128};
+std::atomic<int64_t> g_grad_mma_max_m{256};
 }  // namespace
-// Checked by the caller (module.cpp): 0 <= gemv_max_m <= kGemvMaxM, mma_max_m >= 0.
-void set_cuda_path_limits(int64_t gemv_max_m, int64_t mma_max_m) {
+// Checked by the caller (module.cpp): 0 <= gemv_max_m <= kGemvMaxM, the others >= 0.
+void set_cuda_path_limits(int64_t gemv_max_m, int64_t mma_max_m, int64_t grad_mma_max_m) {
   g_gemv_max_m.store(gemv_max_m);
   g_mma_max_m.store(mma_max_m);
+  g_grad_mma_max_m.store(grad_mma_max_m);
 }
-std::pair<int64_t, int64_t> cuda_path_limits() { return {g_gemv_max_m.load(), g_mma_max_m.load()}; }
+std::array<int64_t, 3> cuda_path_limits() {
+  return {g_gemv_max_m.load(), g_mma_max_m.load(), g_grad_mma_max_m.load()};
+}
 
 namespace {
 
@@ -121,7 +129,8 @@ const char* path_name(Path p) {
   }
 }
 Path qlinear_path(int64_t M, at::ScalarType xt) {
-  const auto [gemv_max, mma_max] = cuda_path_limits();
+  const auto [gemv_max, mma_max, grad_max] = cuda_path_limits();
+  (void)grad_max;
   if (M <= gemv_max) return Path::kGemv;
   if (M <= mma_max && xt != at::kFloat && has_mma_m16n8k16()) return Path::kMma;
   return Path::kDequantCublas;
@@ -215,7 +224,7 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  const int64_t M = x.numel() / K;
+  const int64_t M = leading_rows(x);
   if (M == 0 || N == 0) return at::zeros(out_shape, x.options());
   const Weight w = weight_of(packed, scale, zero, bits, group_size);
   auto x2 = aligned_contiguous(x.reshape({M, K}));
@@ -293,15 +302,26 @@ at::Tensor qlinear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor&
   const c10::cuda::CUDAGuard guard(grad_out.device());
   std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
   out_shape.back() = K;
-  const int64_t M = grad_out.numel() / N;
-  if (M == 0) return at::zeros(out_shape, grad_out.options());
-  const NvtxRange range(range_name("qlinear_grad_input", bits, group_size, M, N, K, "dequant+cublas"));
+  const int64_t M = leading_rows(grad_out);
+  if (M == 0 || N == 0) return at::zeros(out_shape, grad_out.options());  // N == 0: an empty sum
   const Weight w = weight_of(packed, scale, zero, bits, group_size);
-  auto gy = grad_out.reshape({M, N}).contiguous();
-  auto gx = at::mm(gy, dequantize_to(w, gy.scalar_type(), gy.options()));
-  if (adapter) {
-    const auto group_add = adapter_grad_per_group(gy, *lora_A, *lora_B, pool_mask, scaling, group_size);
-    gx = (gx.to(at::kFloat) + group_add.repeat_interleave(group_size, 1)).to(gy.scalar_type());
+  auto gy = aligned_contiguous(grad_out.reshape({M, N}));
+  const bool mma = M <= cuda_path_limits()[2] && gy.scalar_type() != at::kFloat && N % 8 == 0 &&
+                   has_mma_m16n8k16();
+  const NvtxRange range(
+      range_name("qlinear_grad_input", bits, group_size, M, N, K, mma ? "mma" : "dequant+cublas"));
+  at::Tensor group_add;  // the adapter's term, one value per row and group (M, L) float32
+  if (adapter) group_add = adapter_grad_per_group(gy, *lora_A, *lora_B, pool_mask, scaling, group_size).contiguous();
+  at::Tensor gx;
+  if (mma) {
+    gx = at::empty({M, K}, gy.options());
+    check_launch(cuda::launch_grad_mma(w.view, gy.data_ptr(), act_type_of(gy), M,
+                                       adapter ? group_add.data_ptr<float>() : nullptr, gx.data_ptr(),
+                                       at::cuda::getCurrentCUDAStream()),
+                 "grad_mma");
+  } else {
+    gx = at::mm(gy, dequantize_to(w, gy.scalar_type(), gy.options()));
+    if (adapter) gx = (gx.to(at::kFloat) + group_add.repeat_interleave(group_size, 1)).to(gy.scalar_type());
   }
   return gx.reshape(out_shape);
 }

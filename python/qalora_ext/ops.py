@@ -10,6 +10,8 @@ that name the problem before anything reaches C++.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -284,7 +286,7 @@ def _qlinear_backward(ctx, grad_out):
         # First-order only: the adapter enters grad_x as a constant.
         grad_x = _ops.qlinear_grad_input(grad_out, packed, scale, zero, _detach(lora_A), _detach(lora_B), pool_mask,
                                          scaling, bits, group_size, layout).to(ctx.x_dtype)
-    gy = grad_out.reshape(-1, grad_out.shape[-1]).float()
+    gy = grad_out.reshape(math.prod(grad_out.shape[:-1]), grad_out.shape[-1]).float()  # N may be 0
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = gy.sum(0).to(ctx.bias_dtype)
     if pooled is not None:
