@@ -49,6 +49,7 @@ BIT_ROWS = (1, 16)
 ADAPTER_RANKS = (16, 64)
 PATH_ROWS = (1, 4, 8, 16, 32, 64, 128, 256, 512)  # the path-by-M table (8192x8192 INT4, float16 x)
 PATHS = ("gemv", "mma", "dequant+cublas")
+GRAD_ROWS = (16, 256, 1024, 4096)  # qlinear_grad_input by path (8192x8192 INT4, bfloat16 grad_out)
 
 # Issue 5's targets: (key, label, comparison, threshold, unit)
 TARGETS_DOC = """\
@@ -98,10 +99,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"bad --shapes / --m: {e}")
     a.bit_rows, a.adapter_ranks, a.adapter_rounds = list(BIT_ROWS), list(ADAPTER_RANKS), 3
     a.path_rows = list(PATH_ROWS)
+    a.grad_rows = list(GRAD_ROWS)
     if a.quick:
         a.shapes, a.m, a.replays = [BIT_SHAPE], [1, 16], min(a.replays, 10)
         a.bit_rows, a.adapter_ranks, a.adapter_rounds = [1], [16], 1
         a.path_rows = [8, 16, 64]
+        a.grad_rows = [256]
     if a.replays < 1 or a.warmup < 0:
         p.error("--replays must be >= 1 and --warmup >= 0")
     for n, k in a.shapes:
@@ -260,6 +263,7 @@ def collect(args) -> dict:
     props = torch.cuda.get_device_properties(dev)
     l2 = int(getattr(props, "L2_cache_size", 0) or (50 << 20))
     rotate = max(MIN_ROTATE_BYTES, 2 * l2 + (l2 >> 1))
+    args.rotate_bytes = rotate
     torch.manual_seed(0)
     log("measuring HBM bandwidth (1 GiB copy)")
     bw = hbm_bandwidth()
@@ -356,6 +360,7 @@ def collect(args) -> dict:
                 "overhead_pct": statistics.median([100 * (t / b - 1) for b, t in pairs]) if pairs else None})
         del ads
         res["paths"] = time_paths(args, sets, n, k, ours_calls)
+        res["grad_paths"] = time_grad_paths(args, sets, n, k)
     del w, sets_by_bits
     torch.cuda.empty_cache()
     return res
@@ -398,7 +403,32 @@ def time_paths(args, sets, n, k, ours_calls) -> list[dict]:
     return rows
 
 
-def recommended_limits(paths: list[dict]) -> Optional[dict]:
+def time_grad_paths(args, sets, n, k) -> list[dict]:
+    """qlinear_grad_input at the rows of the grad table, by tensor cores from the packed codes and by dequantize +
+    cuBLAS (forced with grad_mma_max_m), beside the dense product gy @ W in bfloat16."""
+    from qalora_ext import _C, ops
+
+    saved = _C.cuda_path_limits()
+    w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    dense_sets = [w16] + [w16.clone() for _ in range(copies_for(nbytes(w16), getattr(args, "rotate_bytes", MIN_ROTATE_BYTES)) - 1)]
+    rows = []
+    try:
+        for m in args.grad_rows:
+            gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            row = {"M": m, "N": n, "K": k}
+            for label, lim in (("mma", 1 << 30), ("dequant+cublas", 0)):
+                _C.set_cuda_path_limits(saved["gemv_max_m"], saved["mma_max_m"], lim)
+                row[label], _ = measure(f"grad_input {label} M={m}", [
+                    lambda q=q: ops.qlinear_grad_input(gy, *q, bits=4, group_size=G) for q in sets], args)
+            row["dense"], _ = measure(f"dense gy @ W M={m}", [lambda W=W: gy @ W for W in dense_sets], args)
+            rows.append(row)
+    finally:
+        _C.set_cuda_path_limits(saved["gemv_max_m"], saved["mma_max_m"], saved["grad_mma_max_m"])
+    del dense_sets
+    return rows
+
+
+def recommended_limits(paths: list[dict], grad_paths: Optional[list[dict]] = None) -> Optional[dict]:
     """The limits the path table measured: gemv up to the largest M where it is the fastest path, the tensor-core
     kernel up to the largest M where it beats dequantize + cuBLAS."""
     if not paths:
@@ -413,7 +443,12 @@ def recommended_limits(paths: list[dict]) -> Optional[dict]:
             gemv_max = max(gemv_max, r["M"])
         if r.get("mma") and r.get("dequant+cublas") and r["mma"] < r["dequant+cublas"]:
             mma_max = max(mma_max, r["M"])
-    return {"gemv_max_m": gemv_max, "mma_max_m": max(mma_max, gemv_max)}
+    rec = {"gemv_max_m": gemv_max, "mma_max_m": max(mma_max, gemv_max)}
+    if grad_paths:
+        wins = [r["M"] for r in grad_paths if r.get("mma") and r.get("dequant+cublas")
+                and r["mma"] < r["dequant+cublas"]]
+        rec["grad_mma_max_m"] = max(wins, default=0)
+    return rec
 
 
 def fake_results(args) -> dict:
@@ -444,7 +479,10 @@ def fake_results(args) -> dict:
         for m in args.bit_rows:
             b = wbytes(n, k, bits) + 2 * m * (k + n)
             res["bits"].append({"bits": bits, "M": m, "s": model(b, m, n, k, 0.7), "bytes": b, "R": 3, "note": None})
-    res["path_limits"] = {"gemv_max_m": 8, "mma_max_m": 128}
+    res["path_limits"] = {"gemv_max_m": 8, "mma_max_m": 128, "grad_mma_max_m": 256}
+    res["grad_paths"] = [{"M": m, "N": n, "K": k, "mma": model(wbytes(n, k, 4) + 4 * m * (n + k), m, n, k, 0.5),
+                          "dequant+cublas": model(2 * n * k + wbytes(n, k, 4) * 3 + 4 * m * (n + k), m, n, k, 0.9),
+                          "dense": model(2 * n * k + 4 * m * (n + k), m, n, k, 0.9)} for m in args.grad_rows]
     for m in args.path_rows:
         io = 2 * m * (k + n)
         res["paths"].append({"M": m, "N": n, "K": k,
@@ -565,9 +603,18 @@ def render(res: dict, tgts: list[dict]) -> list[str]:
             best = min(times, key=times.get) if times else "n/a"
             L.append(f"| {r['M']} | {_us(r.get('gemv'))} | {_us(r.get('mma'))} | {_us(r.get('dequant+cublas'))} | "
                      f"{best} |")
-        rec = recommended_limits(res["paths"])
+        rec = recommended_limits(res["paths"], res.get("grad_paths"))
+        if res.get("grad_paths"):
+            g0 = res["grad_paths"][0]
+            L += ["", f"## qlinear_grad_input by path, {g0['N']}x{g0['K']} INT4 G{res['group_size']}, bfloat16 grad_out",
+                  "", "| M | tensor cores (us) | dequant+cuBLAS (us) | dense gy @ W bf16 (us) | best time / dense |",
+                  "|---:|---:|---:|---:|---:|"]
+            for r in res["grad_paths"]:
+                best = min([t for t in (r.get("mma"), r.get("dequant+cublas")) if t], default=None)
+                L.append(f"| {r['M']} | {_us(r.get('mma'))} | {_us(r.get('dequant+cublas'))} | {_us(r.get('dense'))} | "
+                         f"{_fmt(_ratio(best, r.get('dense')), '.2f', 'x')} |")
         L += ["", f"Limits in this build: {res.get('path_limits')}; measured here: {rec} "
-              "(`_C.set_cuda_path_limits(gemv_max_m, mma_max_m)`; the defaults live in csrc/cuda/ops_cuda.cpp)."]
+              "(`_C.set_cuda_path_limits(gemv_max_m, mma_max_m, grad_mma_max_m)`; the defaults live in csrc/cuda/ops_cuda.cpp)."]
     L += ["", "## Issue 5 targets", ""]
     for t in tgts:
         v = _fmt(t["value"], ".1f" if t["unit"] == "%" else ".2f", t["unit"])

@@ -2,7 +2,7 @@
 # The GPU check, run from anywhere on a machine with an NVIDIA GPU, nvcc, cmake, ninja, pybind11,
 # scikit-build-core and a CUDA build of torch (no network needed):
 #
-#   bash bench/gpu_check.sh [build] [test] [bench] [quick] [racecheck]   (default: build test bench)
+#   bash bench/gpu_check.sh [build] [test] [bench] [quick] [train] [racecheck]   (default: build test bench)
 #
 # build:     the extension for this GPU's architecture (QALORA_CUDA_ARCHS overrides; H100/H200: 90),
 #            editable install, CMake build tree in build/gpu (a rerun reuses it); prints the build time,
@@ -11,6 +11,9 @@
 #            `compute-sanitizer --tool memcheck` with torch's caching allocator off.
 # bench:     bench/bench_gpu.py: issue 5's table and targets (markdown on stdout, JSON + markdown in $OUT).
 # quick:     a one-minute smoke run: import, three tests, bench --quick.
+# train:     (not in the default; issue 6) tests/test_cuda.py's training tests (-k train), then
+#            bench/bench_train_gpu.py: one Llama-7B block's QA-LoRA training step vs dense bf16 LoRA and
+#            dequantize-then-matmul (eager, torch.compile); T_TRAIN (default 120) per step.
 # racecheck: (not in the default) the small case under `compute-sanitizer --tool racecheck`.
 #
 # Logs, JSON and markdown go to $OUT (default build/gpu_out). Time limits per step, seconds (environment):
@@ -26,7 +29,7 @@ PY="${PYTHON:-}"
 OUT="${OUT:-build/gpu_out}"
 BUILD_DIR="${QALORA_GPU_BUILD_DIR:-build/gpu}"
 T_BUILD="${T_BUILD:-90}"; T_TEST="${T_TEST:-55}"; T_SAN="${T_SAN:-35}"; T_BENCH="${T_BENCH:-55}"
-T_QUICK="${T_QUICK:-60}"
+T_QUICK="${T_QUICK:-60}"; T_TRAIN="${T_TRAIN:-120}"
 mkdir -p "$OUT" "$BUILD_DIR"
 
 stages=("$@")
@@ -192,6 +195,17 @@ for stage in "${stages[@]}"; do
         || tail -n 25 "$OUT/bench_quick.err"
       if [ -s "$OUT/quick/gpu_bench.md" ]; then cat "$OUT/quick/gpu_bench.md"; fi
       stage_end quick
+      ;;
+    train)
+      stage_start train
+      run_step "train: pytest -k train" "$T_TRAIN" "$OUT/test_train.log" \
+        "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rfE -k train || true
+      tail -n 15 "$OUT/test_train.log"
+      run_step "train: bench/bench_train_gpu.py" "$T_TRAIN" "$OUT/train_bench.err" \
+        "$PY" bench/bench_train_gpu.py --json "$OUT/train_bench.json" --out-dir "$OUT" \
+        || tail -n 25 "$OUT/train_bench.err"
+      if [ -s "$OUT/train_bench.md" ]; then cat "$OUT/train_bench.md"; fi
+      stage_end train
       ;;
     racecheck)
       stage_start racecheck
