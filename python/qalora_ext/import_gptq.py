@@ -682,12 +682,16 @@ def convert_gptq(
 
     src = Path(src)
     model = import_gptq(src, dtype=dtype, v1_wrap_zeros=v1_wrap_zeros, progress=progress)
-    out = save_quantized(model, out_dir, max_shard_size=max_shard_size)
+    # Tokenizer files first: the weights and config.json are then written
+    # atomically (config last), so a folder that loads as a model has them.
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     copied = []
     for entry in sorted(src.iterdir()):
-        if entry.is_file() and _CARRIED_FILES.fullmatch(entry.name) and not (out / entry.name).exists():
+        if entry.is_file() and _CARRIED_FILES.fullmatch(entry.name) and entry.name != "config.json":
             shutil.copy2(entry, out / entry.name)
             copied.append(entry.name)
+    out = save_quantized(model, out, max_shard_size=max_shard_size)
     report = dict(model.qalora_import_report)
     report["output"] = os.fspath(out)
     report["copied_files"] = copied
