@@ -214,6 +214,44 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    if args.format == "gptq":
+        from .import_gptq import convert_gptq
+
+        report = convert_gptq(args.src, args.out, progress=True)
+        kinds = sorted({(v["bits"], v["group_size"]) for v in report["layers"].values()})
+        print(f"[qalora] imported the GPTQ checkpoint {args.src} ({len(report['layers'])} packed layers, "
+              f"{', '.join(f'{b} bits G{g}' for b, g in kinds)}, {report['convention']} zeros as float32): "
+              f"written to {report['output']}")
+        return 0
+    if args.model is None:
+        raise ValueError("--format peft-qalora needs --model: the quantized model (a qalora_ext folder) the adapter "
+                         "was trained on")
+    from .import_peft import convert_peft_qalora
+
+    report = convert_peft_qalora(args.src, args.model, args.out, save_model=args.full_model)
+    what = "the model with its adapters" if args.full_model else "the adapter (load it with --adapter)"
+    print(f"[qalora] imported the PEFT QA-LoRA adapter {args.src} onto {args.model} "
+          f"({len(report['layers'])} layers; lora_A scaled by L = K / G to the mean-pooling convention): "
+          f"{what} written to {report['output']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.format == "gguf":
+        from .export_gguf import export_gguf
+
+        report = export_gguf(args.model, args.out, adapter=args.adapter, allow_larger=args.allow_larger,
+                             lossy=args.lossy, float_type=args.float_type, progress=True)
+    else:
+        from .export_mlx import export_mlx_checkpoint
+
+        report = export_mlx_checkpoint(args.model, args.out, adapter=args.adapter, scale_dtype=args.scale_dtype,
+                                       progress=True)
+    print(f"[qalora] {report.summary()}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from . import pipeline
 
@@ -327,6 +365,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", default=None, help="an adapter folder (save_adapter) to load first")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
 
+    p = sub.add_parser("import", help="take in a GPTQ checkpoint or a PEFT QA-LoRA adapter",
+                       description="gptq: an AutoGPTQ / GPTQModel folder (2/3/4 bits, groups 32/64/128, contiguous "
+                                   "or static act-order groups) becomes a qalora_ext folder whose weights equal the "
+                                   "GPTQ dequantization bit for bit. peft-qalora: a PEFT adapter trained with "
+                                   "use_qalora on the quantized --model becomes a qalora_ext adapter (SPEC's mean "
+                                   "pooling).")
+    p.add_argument("--format", required=True, choices=("gptq", "peft-qalora"))
+    p.add_argument("src", metavar="SRC", help="the GPTQ model folder, or the PEFT adapter folder")
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="peft-qalora: the quantized model (a qalora_ext folder) the adapter belongs to")
+    p.add_argument("--full-model", action="store_true",
+                   help="peft-qalora: write the whole model with its adapters, not only the adapter")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+    p = sub.add_parser("export", help="write a merged model for llama.cpp (GGUF) or MLX",
+                       description="gguf: one .gguf file (llama family; the packed layers as Q4_1, exact at "
+                                   "4 bits / group 32). mlx: an mlx-lm folder (every bits and group size). Both "
+                                   "store 16-bit zeros: the export reports the fraction of the adapter lost to "
+                                   "that rounding and warns above 1%.")
+    p.add_argument("--format", required=True, choices=("gguf", "mlx"))
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a qalora_ext folder (merged, or with adapters, which are folded in on the way)")
+    p.add_argument("--adapter", metavar="DIR", default=None, help="an adapter folder to fold in on the way")
+    p.add_argument("--out", required=True, metavar="PATH", help="the .gguf file (gguf) or output folder (mlx)")
+    g = p.add_argument_group("gguf")
+    g.add_argument("--allow-larger", action="store_true",
+                   help="write bits/group sizes other than 4/32 exactly as Q4_1, at 5 bits per weight")
+    g.add_argument("--lossy", action="store_true",
+                   help="round scales that are not float16 numbers instead of refusing (the error is reported)")
+    g.add_argument("--float-type", choices=("f32", "f16"), default="f32",
+                   help="embeddings and unquantized layers (default f32: exact)")
+    g = p.add_argument_group("mlx")
+    g.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="scales and biases (default float16; float32 keeps a merged adapter whole)")
+
     p = sub.add_parser("eval", help="perplexity on held-out text")
     _add_model_arg(p)
     p.add_argument("--adapter", metavar="DIR", default=None, help="an adapter folder to load first")
@@ -378,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"info": cmd_info, "quantize": cmd_quantize, "finetune": cmd_finetune, "merge": cmd_merge,
-            "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo}
+            "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo, "import": cmd_import,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
