@@ -46,6 +46,28 @@ if [ "$(cat "$stamp_reqs" 2>/dev/null)" != "$want_reqs" ]; then
   echo "$want_reqs" > "$stamp_reqs"
 fi
 
+# The real clients the import/export tests check against: MLX (mlx-lm loads our
+# MLX export), llama.cpp (llama-cpp-python loads our GGUF export), PEFT (its
+# QA-LoRA layer). Pinned to the versions checked; --no-deps where the package
+# would otherwise move torch, transformers or numpy. Each is optional: a
+# failure is logged and its tests skip. llama-cpp-python has no wheel on PyPI
+# and compiles llama.cpp once (about 4 minutes on 2 cores; pip caches the
+# wheel). QALORA_REAL_CLIENTS=0 skips them all.
+CLIENTS_STAMP="$VENV/.qalora-clients"
+CLIENTS_WANT="mlx[cpu]==0.32.4 mlx-lm==0.32.2 peft==0.21.2 llama-cpp-python==0.3.36 diskcache"
+if [ "${QALORA_REAL_CLIENTS:-1}" != "0" ] && [ "$(cat "$CLIENTS_STAMP" 2>/dev/null)" != "$CLIENTS_WANT" ]; then
+  log "installing the real clients of the import/export tests (mlx, mlx-lm, peft, llama-cpp-python)"
+  ok=1
+  "${PIP[@]}" install --quiet "mlx[cpu]==0.32.4" || { log "mlx did not install: its tests skip"; ok=0; }
+  "${PIP[@]}" install --quiet --no-deps "mlx-lm==0.32.2" "peft==0.21.2" diskcache || { log "mlx-lm / peft did not install: their tests skip"; ok=0; }
+  t0=$(date +%s)
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "${PIP[@]}" install --quiet --no-deps "llama-cpp-python==0.3.36" \
+    || { log "llama-cpp-python did not build: the llama.cpp tests skip"; ok=0; }
+  log "real clients: $(( $(date +%s) - t0 )) s for llama-cpp-python"
+  if [ "$ok" = 1 ]; then echo "$CLIENTS_WANT" > "$CLIENTS_STAMP"; fi
+fi
+
 # Build (editable) when the C++/CMake sources or torch changed.
 src_hash="$(cd "$ROOT" && { find csrc cmake -type f -print0 | sort -z | xargs -0 cat; cat CMakeLists.txt pyproject.toml; \
   "$PY" -c 'import torch; print(torch.__version__)'; } | sha256sum | cut -c1-16)"

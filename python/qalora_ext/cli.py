@@ -242,7 +242,8 @@ def cmd_export(args) -> int:
         from .export_gguf import export_gguf
 
         report = export_gguf(args.model, args.out, adapter=args.adapter, allow_larger=args.allow_larger,
-                             lossy=args.lossy, float_type=args.float_type, progress=True)
+                             lossy=args.lossy, float_type=args.float_type, tokenizer_pre=args.tokenizer_pre,
+                             progress=True)
     else:
         from .export_mlx import export_mlx_checkpoint
 
@@ -396,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round scales that are not float16 numbers instead of refusing (the error is reported)")
     g.add_argument("--float-type", choices=("f32", "f16"), default="f32",
                    help="embeddings and unquantized layers (default f32: exact)")
+    g.add_argument("--tokenizer-pre", metavar="NAME", default=None,
+                   help="llama.cpp's pre-tokenizer name (default: detected from tokenizer.json; e.g. smollm)")
     g = p.add_argument_group("mlx")
     g.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="scales and biases (default float16; float32 keeps a merged adapter whole)")
