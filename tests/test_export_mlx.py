@@ -618,4 +618,8 @@ def test_smollm2_int3_g64_adapter_merged_into_mlx(tmp_path):
     # float16 scales and biases, float32 arithmetic: exactly our model holding the exported scales and biases.
     export_mlx(model, tmp_path / "f16s", tokenizer=folder, dtype="float32", progress=False)
     rel_same, abs_same = _compare_logits(tmp_path / "f16s", as_exported(model, tmp_path / "f16s"), prompt)
+    print(f"\nSmolLM2 INT3 G64 + adapter (r=8, B ~ N(0, 0.01)) through mlx_lm.load, logits vs ours (relative L2 / "
+          f"max abs): float32 scales+biases {rel32:.2e} / {abs32:.2e} (adapter lost {report.lost_fraction:.2e}); "
+          f"float16 everywhere {rel16:.2e} / {abs16:.2e} (adapter lost {report16.lost_fraction:.1%}); float16 "
+          f"scales+biases in float32 arithmetic vs ours holding the exported values {rel_same:.2e} / {abs_same:.2e}")
     assert rel_same < 1e-4, (rel_same, abs_same)
