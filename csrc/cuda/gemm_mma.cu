@@ -23,10 +23,7 @@
 //           A-fragment reads of a warp hit 32 different banks;
 //   codes:  64 rows x (4 chunks x b words), rows padded to 12/20/20 words for
 //           b = 2/3/4 (again conflict-free reads of the 8 rows a warp uses).
-// Fragment layouts are PTX's for m16n8k16 (row.col): lane = 4 * groupID +
-// tig; A regs {(g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8)} (two values each),
-// B regs {(k = 2t, n = g), (k = 2t+8, n = g)}, C {(g, 2t), (g, 2t+1),
-// (g+8, 2t), (g+8, 2t+1)}.
+// Fragment layouts: see cuda/mma_sm80.cuh.
 //
 // Split-K splits whole groups (a split never cuts a group), partial sums go to
 // a workspace that split_reduce adds in a fixed order: deterministic, no
@@ -37,6 +34,7 @@
 #include <type_traits>
 
 #include "cuda/kernels.cuh"
+#include "cuda/mma_sm80.cuh"
 
 namespace qalora {
 namespace cuda {
@@ -60,66 +58,12 @@ constexpr int kCodeStride = BITS == 3 ? 20 : 4 * BITS + 4;
 template <int BITS>
 constexpr int kCodeVecsPerThread = (kBN * BITS + kThreads - 1) / kThreads;
 
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  // Two codes (< 16) as two float16 values, low half first: 0x6400 | c is
-  // 1024 + c exactly; subtracting 1024 leaves c.
-  static __device__ __forceinline__ uint32_t codes(uint32_t lo, uint32_t hi) {
-    const uint32_t biased = 0x64006400u | lo | (hi << 16);
-    __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&biased), __half2half2(__ushort_as_half(0x6400)));
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-};
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  // 0x4300 | c is 128 + c exactly in bfloat16 (7 mantissa bits); minus 128.
-  static __device__ __forceinline__ uint32_t codes(uint32_t lo, uint32_t hi) {
-    const uint32_t biased = 0x43004300u | lo | (hi << 16);
-    __nv_bfloat162 h = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased),
-                               __bfloat162bfloat162(__ushort_as_bfloat16(0x4300)));
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-};
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// 16-byte global -> shared copy that bypasses registers (sm_80+); when
-// `live` is false nothing is read and the 16 bytes are zero-filled.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool live) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = live ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ uint32_t ld_shared_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+using sm80::cp_async_16;
+using sm80::cp_async_commit;
+using sm80::cp_async_wait;
+using sm80::imin;
+using sm80::ld_shared_u32;
+using sm80::Mma;
 
 template <int BITS, typename T>
 __global__ void __launch_bounds__(kThreads, 3)
@@ -280,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 3)
           if (u)
             for (int64_t r = 0; r < rank; ++r) v = fmaf(u[m * rank + r], B[n * rank + r], v);
           if (bias) v += bias[n];
-          y[m * N + n] = from_f32<T>(v);
+          y[m * N + n] = Mma<T>::out(v);
         }
       }
   }

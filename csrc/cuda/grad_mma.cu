@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "cuda/kernels.cuh"
+#include "cuda/mma_sm80.cuh"
 
 namespace qalora {
 namespace cuda {
@@ -50,55 +51,13 @@ constexpr int kGVecsPerRow = kStageN * 2 / 16;  // 16-byte vectors per grad_y ro
 template <int BITS>
 constexpr int kCodeWords = 2 * BITS;  // words of the block's two chunks in one weight row
 
-template <typename T>
-struct Frag;
-template <>
-struct Frag<__half> {
-  static __device__ __forceinline__ void mma(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ __half out(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Frag<__nv_bfloat16> {
-  static __device__ __forceinline__ void mma(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ __nv_bfloat16 out(float v) { return __float2bfloat16_rn(v); }
-};
-
-__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// cp.async of 16 (cg) or 4 (ca) bytes; `live` false: nothing read, zeros written.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool live) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(live ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool live) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem), "r"(live ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+using sm80::cp_async_16;
+using sm80::cp_async_4;
+using sm80::cp_async_commit;
+using sm80::cp_async_wait;
+using sm80::imin;
+using sm80::ld_shared_u32;
+using sm80::Mma;
 
 template <int BITS, typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -195,19 +154,17 @@ __global__ void __launch_bounds__(kThreads)
           const float q = static_cast<float>(get_code(sqb + r * CW + jc * BITS, col, BITS));
           v[e] = fmaf(s[e], q, z[e]);
         }
-        bf[nt][0] = Frag<T>::pack(v[0], v[1]);
-        bf[nt][1] = Frag<T>::pack(v[2], v[3]);
+        bf[nt][0] = Mma<T>::pack(v[0], v[1]);
+        bf[nt][1] = Mma<T>::pack(v[2], v[3]);
       }
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) {
         if (mt >= mtiles) break;
         const T* ga = sgb + (mt * 16 + gid) * kGStride + kk * 16 + tig * 2;
-        const uint32_t af[4] = {*reinterpret_cast<const uint32_t*>(ga),
-                                *reinterpret_cast<const uint32_t*>(ga + 8 * kGStride),
-                                *reinterpret_cast<const uint32_t*>(ga + 8),
-                                *reinterpret_cast<const uint32_t*>(ga + 8 * kGStride + 8)};
+        const uint32_t af[4] = {ld_shared_u32(ga), ld_shared_u32(ga + 8 * kGStride), ld_shared_u32(ga + 8),
+                                ld_shared_u32(ga + 8 * kGStride + 8)};
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) Frag<T>::mma(acc[mt][nt], af, bf[nt]);
+        for (int nt = 0; nt < 2; ++nt) Mma<T>::run(acc[mt][nt], af, bf[nt]);
       }
     }
     __syncthreads();  // all reads of this buffer are done before it is refilled
@@ -225,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
         if (m >= M || k >= K) continue;
         float v = acc[mt][nt][i];
         if (group_add) v += group_add[m * L + k / w.group_size];
-        gx[m * K + k] = Frag<T>::out(v);
+        gx[m * K + k] = Mma<T>::out(v);
       }
   }
 #else
