@@ -17,8 +17,9 @@
 // in stages of 4 chunks (128 codes). Its 4 warps sit side by side along N,
 // each with 16 channels (two n8 tiles) and all four m16 tiles; a warp skips
 // m16 tiles past the last row of x, so M = 16 costs a quarter of M = 64.
-// Each stage goes global -> registers (16-byte loads, issued one stage ahead
-// so they overlap the MMAs) -> shared memory:
+// Each stage goes global -> shared memory with 16-byte cp.async copies into
+// one of two buffers, the next stage's copies in flight during this stage's
+// MMAs; stages start at multiples of 4 chunks (16-byte aligned code words):
 //   x:      64 rows x 128 values, rows padded to 136 values (272 bytes) so the
 //           A-fragment reads of a warp hit 32 different banks;
 //   codes:  64 rows x (4 chunks x b words), rows padded to 12/20/20 words for
