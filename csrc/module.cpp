@@ -6,7 +6,6 @@
 
 #include <array>
 #include <optional>
-
 #include <stdexcept>
 #include <string>
 

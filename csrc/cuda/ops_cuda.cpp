@@ -30,15 +30,15 @@ std::atomic<bool>& nvtx_flag() {
 void set_nvtx(bool on) { nvtx_flag().store(on); }
 bool nvtx_enabled() { return nvtx_flag().load(); }
 
-// Path by M for qlinear (float16/bfloat16 x): fused GEMV for M <= gemv_max_m,
-// the tensor-core kernel for M <= mma_max_m, dequantize + cuBLAS above.
-// float32 x skips the tensor-core kernel. Changeable at run time
-// (_C.set_cuda_path_limits) so bench/bench_gpu.py can measure every path at
-// every M; the defaults are the crossover it measured (bench/RESULTS.md).
+// Path by M. qlinear: fused GEMV for M <= gemv_max_m, the tensor-core kernel
+// for M <= mma_max_m (float16/bfloat16 x, sm_80+), dequantize + cuBLAS above.
+// qlinear_grad_input: the tensor-core kernel from the packed codes up to
+// grad_mma_max_m rows of grad_out (float16/bfloat16, N % 8 == 0, sm_80+),
+// dequantize + cuBLAS above. Changeable at run time (_C.set_cuda_path_limits)
+// so bench/bench_gpu.py can time every path at every M and print the limits
+// it measured; the defaults below are a-priori choices until a GPU run
+// replaces them with that measurement.
 namespace {
-// qlinear_grad_input likewise: the tensor-core kernel from the packed codes up
-// to grad_mma_max_m rows of grad_out (float16/bfloat16, N % 8 == 0), else
-// dequantize + cuBLAS.
 std::atomic<int64_t> g_gemv_max_m{cuda::kGemvMaxM};
 std::atomic<int64_t> g_mma_max_m{128};
 std::atomic<int64_t> g_grad_mma_max_m{256};
@@ -129,10 +129,9 @@ const char* path_name(Path p) {
   }
 }
 Path qlinear_path(int64_t M, at::ScalarType xt) {
-  const auto [gemv_max, mma_max, grad_max] = cuda_path_limits();
-  (void)grad_max;
-  if (M <= gemv_max) return Path::kGemv;
-  if (M <= mma_max && xt != at::kFloat && has_mma_m16n8k16()) return Path::kMma;
+  const auto limits = cuda_path_limits();
+  if (M <= limits[0]) return Path::kGemv;
+  if (M <= limits[1] && xt != at::kFloat && has_mma_m16n8k16()) return Path::kMma;
   return Path::kDequantCublas;
 }
 
