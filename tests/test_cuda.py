@@ -269,6 +269,19 @@ def test_empty_non_contiguous_and_misaligned_input():
             xm = buf[1:].view(m, k)
             assert xm.data_ptr() % 16 != 0
             check_qlinear(xm, packed, scale, zero, W, 3, g, None, A, B)
+    # Packed codes whose base is not on a 16-byte boundary (a view one word into a buffer): the kernels'
+    # 16-byte code loads get an aligned copy.
+    pbuf = torch.zeros(packed.numel() + 1, dtype=torch.int32, device="cuda")
+    p_off = pbuf[1:].view(packed.shape)
+    p_off.copy_(packed)
+    assert p_off.data_ptr() % 16 != 0
+    for m in (1, 12, 100):
+        xx = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        assert torch.equal(ops.qlinear(xx, p_off, scale, zero, bits=3, group_size=g),
+                           ops.qlinear(xx, packed, scale, zero, bits=3, group_size=g))
+        gyy = torch.randn(m, n, device="cuda", dtype=torch.float16)
+        assert torch.equal(ops.qlinear_grad_input(gyy, p_off, scale, zero, bits=3, group_size=g),
+                           ops.qlinear_grad_input(gyy, packed, scale, zero, bits=3, group_size=g))
     # Non-contiguous scales and zeros.
     s_nc, z_nc = scale.t().contiguous().t(), zero.t().contiguous().t()
     assert not s_nc.is_contiguous()

@@ -19,8 +19,9 @@
 //   grad_y: 64 rows x 32 values, rows padded to 40 values (80 bytes: the
 //           A-fragment reads of a warp hit 32 different banks);
 //   codes:  32 weight rows x the 2 chunks of this block's 64 channels
-//           (2b words), copied 4 bytes at a time (for b = 3 a chunk pair does
-//           not start on a 16-byte boundary);
+//           (2b words, rows padded to 2b + 1 words against bank conflicts),
+//           copied 4 bytes at a time (for b = 3 a chunk pair does not start
+//           on a 16-byte boundary);
 //   scales and zeros of those 32 rows x 2 chunks, as float32.
 // B fragment of lane (g, t) for n8 tile j: rows 2t, 2t+1 and 2t+8, 2t+9 of
 // the k16 step, channel 8j + g: four codes from four rows.
@@ -50,6 +51,8 @@ constexpr int kGVecsPerRow = kStageN * 2 / 16;  // 16-byte vectors per grad_y ro
 
 template <int BITS>
 constexpr int kCodeWords = 2 * BITS;  // words of the block's two chunks in one weight row
+template <int BITS>
+constexpr int kCodeStride = 2 * BITS + 1;  // their row stride in shared memory (odd: no bank conflicts)
 
 using sm80::cp_async_16;
 using sm80::cp_async_4;
@@ -65,8 +68,9 @@ __global__ void __launch_bounds__(kThreads)
                     T* __restrict__ gx) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int CW = kCodeWords<BITS>;
+  constexpr int CS = kCodeStride<BITS>;
   __shared__ __align__(16) T sg[2][kBM * kGStride];
-  __shared__ __align__(16) uint32_t sq[2][kStageN * CW];
+  __shared__ __align__(16) uint32_t sq[2][kStageN * CS];
   __shared__ float ss[2][kStageN * 2], sz[2][kStageN * 2];
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -97,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t chunk = c0 + word / BITS;
       const bool live = n0 + row < N && chunk < chunks;
       const uint32_t* src = live ? w.packed + (n0 + row) * w.stride_words + c0 * BITS + word : w.packed;
-      cp_async_4(sq[buf] + row * CW + word, src, live);
+      cp_async_4(sq[buf] + row * CS + word, src, live);
     }
     cp_async_commit();
     // scales and zeros (plain loads: they are converted from their storage dtype).
@@ -151,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = r0 + (e & 1) + 8 * (e >> 1);
-          const float q = static_cast<float>(get_code(sqb + r * CW + jc * BITS, col, BITS));
+          const float q = static_cast<float>(get_code(sqb + r * CS + jc * BITS, col, BITS));
           v[e] = fmaf(s[e], q, z[e]);
         }
         bf[nt][0] = Mma<T>::pack(v[0], v[1]);
@@ -194,7 +198,7 @@ __global__ void __launch_bounds__(kThreads)
 
 cudaError_t launch_grad_mma(const DeviceWeight& w, const void* grad_out, ActType t, int64_t M,
                             const float* group_add, void* grad_x, cudaStream_t s) {
-  if (M < 1 || t == ActType::kFloat32 || w.N % 8 != 0) return cudaErrorInvalidValue;
+  if (M < 1 || w.N < 1 || t == ActType::kFloat32 || w.N % 8 != 0) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>((w.K + kBK - 1) / kBK), static_cast<unsigned>((M + kBM - 1) / kBM));
   auto go = [&](auto bits_tag) -> cudaError_t {
     constexpr int BITS = decltype(bits_tag)::value;

@@ -96,7 +96,11 @@ struct Weight {
 
 Weight weight_of(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
                  int64_t group_size) {
-  Weight w{packed.contiguous(), scale.contiguous(), zero.contiguous(), {}};
+  // The kernels read codes 16 bytes at a time: a view whose base is not on a
+  // 16-byte boundary (an odd storage offset) is copied first.
+  auto p = packed.contiguous();
+  if (reinterpret_cast<uintptr_t>(p.data_ptr()) % 16 != 0) p = p.clone();
+  Weight w{p, scale.contiguous(), zero.contiguous(), {}};
   w.view.packed = reinterpret_cast<const uint32_t*>(w.packed.data_ptr<int32_t>());
   w.view.stride_words = w.packed.size(1);
   w.view.scale = w.scale.data_ptr();
