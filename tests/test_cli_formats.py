@@ -82,3 +82,69 @@ def test_export_from_the_command_line(quantized_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("[qalora]") == 2
     assert cli.main(["export", "--format", "gguf", "--model", str(tmp_path / "nope"), "--out", str(gguf)]) == 2
+
+
+def test_options_of_another_format_and_overwriting_the_source_are_refused(quantized_dir, tmp_path, capsys):
+    for argv in (["export", "--format", "mlx", "--model", str(quantized_dir), "--out", str(tmp_path / "m"),
+                  "--lossy"],
+                 ["export", "--format", "gguf", "--model", str(quantized_dir), "--out", str(tmp_path / "g.gguf"),
+                  "--scale-dtype", "float32"],
+                 ["import", "--format", "gptq", str(tmp_path), "--model", str(quantized_dir), "--out",
+                  str(tmp_path / "o")]):
+        assert cli.main(argv) == 2
+        assert "not an option of --format" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "g.gguf").exists()
+    # An existing folder as the .gguf path: a clear error, not a traceback.
+    assert cli.main(["export", "--format", "gguf", "--model", str(quantized_dir), "--out", str(tmp_path)]) == 2
+    assert "[qalora] error" in capsys.readouterr().err
+
+
+def test_converters_refuse_to_write_over_their_source(tmp_path):
+    from test_import_gptq import write_gptq_checkpoint
+
+    from qalora_ext.import_gptq import convert_gptq
+    from qalora_ext.import_peft import convert_peft_qalora
+
+    src = tmp_path / "gptq"
+    write_gptq_checkpoint(src, 4, 32, "gptq_v2", shards=2)
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(ValueError, match="itself"):
+        convert_gptq(src, src, progress=False)
+    assert sorted(p.name for p in src.iterdir()) == before
+    with pytest.raises(ValueError, match="output folder is the PEFT adapter"):
+        convert_peft_qalora(tmp_path / "adapter", tmp_path / "model", tmp_path / "adapter")
+
+
+def test_gguf_refuses_values_beyond_float16_instead_of_clamping():
+    from qalora_ext.export_gguf import _scale16, zero_rounding_loss
+
+    with pytest.raises(ValueError, match="float16"):
+        zero_rounding_loss(torch.tensor([[1e6]]), None)
+    with pytest.raises(ValueError, match="float16"):
+        zero_rounding_loss(torch.tensor([[60000.0]]), torch.tensor([[1e4]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="float16"):
+        _scale16(torch.tensor([[1e6]]))
+    assert zero_rounding_loss(torch.tensor([[65504.0]]), None)[0].item() == 65504.0
+
+
+def test_gptq_import_keeps_a_tied_head_stored_as_a_copy(tmp_path):
+    """AutoGPTQ saves the whole state dict: a tied model's lm_head.weight is in the file, equal to the embedding."""
+    from safetensors.torch import load_file, save_file
+    from test_import_gptq import write_gptq_checkpoint
+
+    from qalora_ext.import_gptq import import_gptq
+
+    src = tmp_path / "gptq"
+    write_gptq_checkpoint(src, 4, 32, "gptq_v2", shards=1)
+    cfg = json.loads((src / "config.json").read_text())
+    files = sorted(src.glob("*.safetensors"))
+    tensors = load_file(str(files[0]))
+    emb = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    if not cfg.get("tie_word_embeddings", False):
+        pytest.skip("the test checkpoint writer makes an untied model")
+    tensors["lm_head.weight"] = tensors[emb].clone()
+    save_file(tensors, str(files[0]), metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = import_gptq(src, progress=False)
+    assert model.lm_head.weight is model.get_input_embeddings().weight

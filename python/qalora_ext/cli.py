@@ -214,7 +214,16 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _refuse_other_format(args, options: dict) -> None:
+    """Options of one --format given with another: an error, not silently ignored."""
+    given = [flag for flag, (fmt, value) in options.items() if value not in (None, False) and fmt != args.format]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not an option of --format {args.format}")
+
+
 def cmd_import(args) -> int:
+    _refuse_other_format(args, {"--model": ("peft-qalora", args.model),
+                                "--full-model": ("peft-qalora", args.full_model)})
     if args.format == "gptq":
         from .import_gptq import convert_gptq
 
@@ -238,17 +247,21 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _refuse_other_format(args, {"--allow-larger": ("gguf", args.allow_larger), "--lossy": ("gguf", args.lossy),
+                                "--float-type": ("gguf", args.float_type),
+                                "--tokenizer-pre": ("gguf", args.tokenizer_pre),
+                                "--scale-dtype": ("mlx", args.scale_dtype)})
     if args.format == "gguf":
         from .export_gguf import export_gguf
 
         report = export_gguf(args.model, args.out, adapter=args.adapter, allow_larger=args.allow_larger,
-                             lossy=args.lossy, float_type=args.float_type, tokenizer_pre=args.tokenizer_pre,
-                             progress=True)
+                             lossy=args.lossy, float_type=args.float_type or "f32",
+                             tokenizer_pre=args.tokenizer_pre, progress=True)
     else:
         from .export_mlx import export_mlx_checkpoint
 
-        report = export_mlx_checkpoint(args.model, args.out, adapter=args.adapter, scale_dtype=args.scale_dtype,
-                                       progress=True)
+        report = export_mlx_checkpoint(args.model, args.out, adapter=args.adapter,
+                                       scale_dtype=args.scale_dtype or "float16", progress=True)
     print(f"[qalora] {report.summary()}")
     return 0
 
@@ -382,9 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a merged model for llama.cpp (GGUF) or MLX",
                        description="gguf: one .gguf file (llama family; the packed layers as Q4_1, exact at "
-                                   "4 bits / group 32). mlx: an mlx-lm folder (every bits and group size). Both "
-                                   "store 16-bit zeros: the export reports the fraction of the adapter lost to "
-                                   "that rounding and warns above 1%.")
+                                   "4 bits / group 32). mlx: an mlx-lm folder (every bits and group size). GGUF "
+                                   "stores float16 zeros, MLX float16 unless --scale-dtype float32: the export "
+                                   "reports the fraction of the adapter lost to that rounding and warns above 1%.")
     p.add_argument("--format", required=True, choices=("gguf", "mlx"))
     p.add_argument("--model", required=True, metavar="DIR",
                    help="a qalora_ext folder (merged, or with adapters, which are folded in on the way)")
@@ -395,12 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write bits/group sizes other than 4/32 exactly as Q4_1, at 5 bits per weight")
     g.add_argument("--lossy", action="store_true",
                    help="round scales that are not float16 numbers instead of refusing (the error is reported)")
-    g.add_argument("--float-type", choices=("f32", "f16"), default="f32",
+    g.add_argument("--float-type", choices=("f32", "f16"), default=None,
                    help="embeddings and unquantized layers (default f32: exact)")
     g.add_argument("--tokenizer-pre", metavar="NAME", default=None,
                    help="llama.cpp's pre-tokenizer name (default: detected from tokenizer.json; e.g. smollm)")
     g = p.add_argument_group("mlx")
-    g.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+    g.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="scales and biases (default float16; float32 keeps a merged adapter whole)")
 
     p = sub.add_parser("eval", help="perplexity on held-out text")
@@ -467,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: FileNotFoundError, IsADirectoryError, shutil.SameFileError...
         # Bad input (a missing model, an empty dataset, a group size that fits
         # no layer) is the user's to fix: say what, not where in our code.
         if os.environ.get("QALORA_DEBUG"):

@@ -201,8 +201,9 @@ def zero_rounding_loss(zero: torch.Tensor, delta: Optional[torch.Tensor]) -> tup
     The squared norms let a caller add layers up before the square root.
     """
     exact = zero.double() if delta is None else zero.double() + delta.double()
-    zero16 = round_to_storage(exact, torch.float16)
-    if not bool(torch.isfinite(zero16).all()):
+    big = exact.abs().max().item() if exact.numel() else 0.0
+    zero16 = round_to_storage(exact, torch.float16)  # saturates at the largest float16: check the magnitude
+    if not math.isfinite(big) or big > _FP16_MAX:
         raise ValueError(f"a zero of magnitude {exact.abs().max().item():.6g} does not fit float16 (max {_FP16_MAX})")
     if delta is None:
         return zero16, 0.0, 0.0
@@ -310,8 +311,9 @@ def _scale16(scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
     s = scale.detach().cpu()
     if s.dtype == torch.float16:
         return s, True
-    s16 = round_to_storage(s.double(), torch.float16)
-    if not bool(torch.isfinite(s16).all()):
+    big = s.double().abs().max().item() if s.numel() else 0.0
+    s16 = round_to_storage(s.double(), torch.float16)  # saturates at the largest float16: check the magnitude
+    if not math.isfinite(big) or big > _FP16_MAX:
         raise ValueError(f"a scale of magnitude {s.double().abs().max().item():.6g} does not fit float16")
     return s16, bool(torch.equal(s16.double(), s.double()))
 

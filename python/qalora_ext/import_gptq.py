@@ -598,9 +598,19 @@ def import_gptq(
     expected = {k for k, t in model.state_dict(keep_vars=True).items()}
     plain = {}
     unexpected = []
+    tied_head = _tied_head_key(model)
     for key in tensors.keys():
         if key in quant_keys:
             continue
+        if key == tied_head:
+            # The config ties the head to the embedding and the checkpoint stores a copy (AutoGPTQ saves the
+            # whole state dict): keep the tie when the copy equals the embedding, else untie it.
+            emb_key = _input_embedding_key(model)
+            if emb_key in tensors.keys() and torch.equal(tensors.get(key), tensors.get(emb_key)):
+                continue
+            model.config.tie_word_embeddings = False
+            log.warning("%s: lm_head.weight differs from the embedding although the config ties them; "
+                        "importing them untied", src)
         if key not in expected:
             unexpected.append(key)
             continue
@@ -644,6 +654,27 @@ def import_gptq(
     return model.eval()
 
 
+def _tied_head_key(model: nn.Module) -> Optional[str]:
+    """The state-dict key of the output head's weight when the config ties it to the embedding, else None."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, mod in model.named_modules():
+        if out is not None and mod is out:
+            return f"{name}.weight"
+    return None
+
+
+def _input_embedding_key(model: nn.Module) -> Optional[str]:
+    get_in = getattr(model, "get_input_embeddings", None)
+    inp = get_in() if callable(get_in) else None
+    for name, mod in model.named_modules():
+        if inp is not None and mod is inp:
+            return f"{name}.weight"
+    return None
+
+
 def _tie_if_needed(model: nn.Module) -> None:
     """An lm_head left unloaded because the checkpoint ties it to the embedding shares its weight."""
     config = getattr(model, "config", None)
@@ -681,6 +712,8 @@ def convert_gptq(
     from .checkpoint import save_quantized
 
     src = Path(src)
+    if Path(os.path.realpath(out_dir)) == Path(os.path.realpath(src)):
+        raise ValueError(f"convert_gptq: the output folder is the GPTQ checkpoint {src} itself; write to a new folder")
     model = import_gptq(src, dtype=dtype, v1_wrap_zeros=v1_wrap_zeros, progress=progress)
     # Tokenizer files first: the weights and config.json are then written
     # atomically (config last), so a folder that loads as a model has them.

@@ -286,6 +286,10 @@ def convert_peft_qalora(adapter_dir: PathLike, quantized_model: PathLike, out_di
     whole quantized model with its adapters (``save_quantized``). Returns the import report."""
     from .checkpoint import load_quantized, save_adapter, save_quantized
 
+    out_real = os.path.realpath(out_dir)
+    for what, path in (("the PEFT adapter", adapter_dir), ("the quantized model", quantized_model)):
+        if out_real == os.path.realpath(path):
+            raise ValueError(f"convert_peft_qalora: the output folder is {what} ({path}); write to a new folder")
     model = load_quantized(quantized_model, device=device)
     report = import_peft_qalora(model, adapter_dir)
     out = save_quantized(model, out_dir) if save_model else save_adapter(model, out_dir)
