@@ -234,16 +234,6 @@ __global__ void __launch_bounds__(kThreads, 3)
 #endif
 }
 
-template <typename Fn>
-cudaError_t by_bits(int bits, Fn&& fn) {
-  switch (bits) {
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 3: return fn(std::integral_constant<int, 3>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 int mma_splits(const DeviceWeight& w, int64_t M, int sms) {

@@ -210,12 +210,7 @@ cudaError_t launch_grad_mma(const DeviceWeight& w, const void* grad_out, ActType
           w, static_cast<const __nv_bfloat16*>(grad_out), M, group_add, static_cast<__nv_bfloat16*>(grad_x));
     return cudaGetLastError();
   };
-  switch (w.bits) {
-    case 2: return go(std::integral_constant<int, 2>{});
-    case 3: return go(std::integral_constant<int, 3>{});
-    case 4: return go(std::integral_constant<int, 4>{});
-    default: return cudaErrorInvalidValue;
-  }
+  return by_bits(w.bits, go);
 }
 
 }  // namespace cuda

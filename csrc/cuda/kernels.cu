@@ -255,16 +255,6 @@ __global__ void quantize_rtn_kernel(const float* __restrict__ w, int64_t N, int6
 unsigned grid_for(int64_t threads, int block) { return static_cast<unsigned>((threads + block - 1) / block); }
 
 template <typename Fn>
-cudaError_t by_bits(int bits, Fn&& fn) {
-  switch (bits) {
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 3: return fn(std::integral_constant<int, 3>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename Fn>
 cudaError_t by_type(ActType t, Fn&& fn) {
   switch (t) {
     case ActType::kFloat32: return fn(float{});

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "qalora/format.h"
 
@@ -20,6 +21,18 @@ enum class ActType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Weights are PackedView (qalora/format.h) with device pointers.
 using DeviceWeight = PackedView;
+
+// Calls fn(std::integral_constant<int, BITS>{}) for bits 2, 3, 4 (the
+// launchers' one compile-time dispatch); cudaErrorInvalidValue otherwise.
+template <typename Fn>
+cudaError_t by_bits(int bits, Fn&& fn) {
+  switch (bits) {
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 // The largest M the fused GEMV serves (it keeps M accumulators per thread).
 constexpr int kGemvMaxM = 8;

@@ -51,7 +51,6 @@ Entry points: :func:`convert_gptq_layer` (one layer's tensors) and
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -64,6 +63,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .checkpoint import _read_json
 from .format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, packed_row_words
 from .nn import QuantLinear
 
@@ -358,17 +358,6 @@ def convert_gptq_layer(
 # ---------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
-    return obj
-
-
 def read_gptq_config(src: PathLike) -> dict:
     """The normalized GPTQ quantize config of a checkpoint folder.
 
@@ -383,10 +372,10 @@ def read_gptq_config(src: PathLike) -> dict:
     found: list[tuple[str, dict]] = []
     for fname in _QUANT_CONFIG_FILES:
         if (src / fname).is_file():
-            found.append((fname, _read_json(src / fname)))
+            found.append((fname, _read_json(src / fname, "the quantize config")))
             break
     if (src / "config.json").is_file():
-        qc = _read_json(src / "config.json").get("quantization_config")
+        qc = _read_json(src / "config.json", "the model config").get("quantization_config")
         if isinstance(qc, dict):
             found.append(("config.json quantization_config", qc))
     if not found:
@@ -456,7 +445,7 @@ class _Tensors:
         index = src / "model.safetensors.index.json"
         self.file_of: dict[str, Path] = {}
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = _read_json(index, "the shard index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index}: no weight_map")
             for key, fname in weight_map.items():
@@ -496,7 +485,7 @@ def _build_model(src: Path) -> nn.Module:
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{src}: no config.json (the transformers model config is needed to build the model)")
-    return _build_transformers_model(_read_json(cfg_path), src)
+    return _build_transformers_model(_read_json(cfg_path, "the model config"), src)
 
 
 def import_gptq(

@@ -29,7 +29,6 @@ model) and :func:`convert_peft_qalora` (folders in, our adapter folder out).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .checkpoint import _read_json
 from .model import freeze_all_but_adapters, set_module
 from .nn import QALoRALinear, QuantLinear
 
@@ -59,17 +59,6 @@ _PEFT_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
-    return obj
-
-
 def read_peft_qalora_config(adapter_dir: PathLike) -> dict:
     """Read and check a PEFT adapter's ``adapter_config.json``; refuses anything but a plain QA-LoRA.
 
@@ -83,7 +72,7 @@ def read_peft_qalora_config(adapter_dir: PathLike) -> dict:
     path = adapter_dir / _ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"{adapter_dir}: no {_ADAPTER_CONFIG}; not a PEFT adapter folder")
-    cfg = _read_json(path)
+    cfg = _read_json(path, "the adapter config")
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type == "QALORA_EXT":
         raise ValueError(f"{path}: already a qalora_ext adapter; load it with qalora_ext.load_adapter")
