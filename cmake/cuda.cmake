@@ -35,7 +35,7 @@ foreach(_lib c10_cuda torch_cuda)
 endforeach()
 
 function(qalora_configure_cuda_target target)
-  target_compile_definitions(${target} PRIVATE QALORA_WITH_CUDA USE_CUDA)
+  target_compile_definitions(${target} PRIVATE USE_CUDA)  # torch's headers read it
   if(QALORA_PIP_CUDA_DIR)
     target_include_directories(${target} SYSTEM PRIVATE "${QALORA_PIP_CUDA_DIR}/include")
     find_library(_pip_nvrtc nvrtc PATHS "${QALORA_PIP_CUDA_DIR}/lib" NO_DEFAULT_PATH)

@@ -1,5 +1,6 @@
 // The pybind11 module qalora_ext._C. Importing it loads the op registrations
-// (TORCH_LIBRARY in ops.cpp, plus ops_cuda.cu in CUDA builds); the functions
+// (TORCH_LIBRARY in torch_bindings.cpp, the CPU kernels in cpu/ops_cpu.cpp,
+// plus cuda/ops_cuda.cpp in CUDA builds); the functions
 // here are build information and CPU-dispatch controls, not tensor ops.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -10,7 +11,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
-#include "ops_common.h"
+#include "checks.h"
 
 #ifndef QALORA_VERSION
 #define QALORA_VERSION "0+unknown"
@@ -19,7 +20,7 @@
 namespace py = pybind11;
 
 #if defined(QALORA_CUDA_KERNELS)
-#include "cuda/kernels.cuh"
+#include "cuda/launchers.cuh"
 namespace qalora {
 void set_nvtx(bool on);  // cuda/ops_cuda.cpp
 bool nvtx_enabled();

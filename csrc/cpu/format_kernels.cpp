@@ -1,4 +1,5 @@
-// RTN quantization, pack and unpack (SPEC "Dequantization", format.h layout 1).
+// The packed format's kernels on CPU: RTN quantization, pack and unpack
+// (SPEC "Dequantization", format.h layout 1).
 // Not hot: one build for every CPU.
 #include <cmath>
 
@@ -65,43 +66,6 @@ void unpack_rows(const uint32_t* packed, int64_t stride_words, int64_t K, int bi
         case 3: unpack_chunk<3, uint8_t>(prow + c * 3, out + c * kChunk); break;
         default: unpack_chunk<4, uint8_t>(prow + c * 4, out + c * kChunk); break;
       }
-    }
-  }
-}
-
-void quantize_act_i8_rows(const float* x, int64_t K, int64_t group_size, int8_t* xq, float* dx, int64_t m0,
-                          int64_t m1) {
-  const int64_t L = K / group_size;
-  for (int64_t m = m0; m < m1; ++m) {
-    for (int64_t g = 0; g < L; ++g) {
-      const float* v = x + m * K + g * group_size;
-      int8_t* q = xq + m * K + g * group_size;
-      float amax = 0.f;
-      for (int64_t i = 0; i < group_size; ++i) amax = std::fmax(amax, std::fabs(v[i]));
-      dx[m * L + g] = amax / 127.f;
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      for (int64_t i = 0; i < group_size; ++i) {
-        const float r = std::nearbyint(v[i] * inv);
-        q[i] = static_cast<int8_t>(r > 127.f ? 127.f : (r < -127.f ? -127.f : r));
-      }
-    }
-  }
-}
-
-void pooled_adapter_input(const float* xsum, const float* mask, const float* A, int64_t M, int64_t L, int64_t rank,
-                          double factor, float* u) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xs = xsum + m * L;
-    const float* mk = mask ? mask + m * L : nullptr;
-    for (int64_t r = 0; r < rank; ++r) {
-      const float* a = A + r * L;
-      float acc = 0.f;
-      if (mk) {
-        for (int64_t g = 0; g < L; ++g) acc += mk[g] * xs[g] * a[g];
-      } else {
-        for (int64_t g = 0; g < L; ++g) acc += xs[g] * a[g];
-      }
-      u[m * rank + r] = static_cast<float>(factor * acc);
     }
   }
 }

@@ -1,7 +1,7 @@
 // CPU kernels of qalora_ext: raw pointers in, no torch headers.
 //
 // The hot kernels (forward, grad_input, dequantize) are compiled once per
-// instruction set from cpu/kernels_impl.h and reached through a KernelTable
+// instruction set from cpu/kernels_isa.cpp and reached through a KernelTable
 // chosen at run time (cpu/isa.cpp); the build never uses -march=native, so
 // one binary runs on any x86-64 / aarch64 CPU. Threading is the caller's:
 // every kernel works on a range ([n0, n1) rows or [g0, g1) groups) so the
@@ -63,7 +63,7 @@ struct KernelTable {
 // The largest M the gemv_rows kernels are used for.
 constexpr int64_t kGemvMaxM = 4;
 
-// Quantize rows [m0, m1) of x (M, K) per group of G: dx[m, g] = max|x| / 127,
+// Quantize rows [m0, m1) of x (M, K) per group of G (cpu/int8_activations.cpp): dx[m, g] = max|x| / 127,
 // xq = round-half-even(x * (127 / max|x|)) in [-127, 127] (0 where the group
 // is all 0). Non-finite x must be refused by the caller.
 void quantize_act_i8_rows(const float* x, int64_t K, int64_t group_size, int8_t* xq, float* dx, int64_t m0,
@@ -105,11 +105,12 @@ const char* compiled_isas();  // comma-separated
 
 // ---- Non-hot kernels (one build, no ISA variants) ------------------------
 
-// The adapter's input at small M: u[m, r] = factor * sum_g mask[m, g] *
+// The adapter's input at small M (cpu/adapter_input.cpp): u[m, r] = factor * sum_g mask[m, g] *
 // xsum[m, g] * A[r, g] (mask null: all ones); factor = scaling / G.
 void pooled_adapter_input(const float* xsum, const float* mask, const float* A, int64_t M, int64_t L, int64_t rank,
                           double factor, float* u);
 
+// The packed format's kernels (cpu/format_kernels.cpp).
 // RTN quantization (SPEC) of rows [n0, n1) of w (N, K) float32.
 void quantize_rtn_rows(const float* w, int64_t K, int bits, int group_size, void* scale, StoreType scale_type,
                        void* zero, StoreType zero_type, uint32_t* packed, int64_t stride_words, int64_t n0,

@@ -34,7 +34,7 @@
 
 #include <type_traits>
 
-#include "cuda/kernels.cuh"
+#include "cuda/launchers.cuh"
 #include "cuda/mma_sm80.cuh"
 
 namespace qalora {

@@ -1,7 +1,7 @@
-// CUDA implementations of the qalora ops (schemas in ops.cpp): input checks,
-// device guard, the current stream, the choice of path by M, an NVTX range
-// per call, and a check of every launch. The kernels (cuda/kernels.cu) see raw
-// pointers only.
+// CUDA implementations of the qalora ops (schemas in torch_bindings.cpp):
+// input checks, device guard, the current stream, the choice of path by M, an
+// NVTX range per call, and a check of every launch. The kernels (the .cu files,
+// declared in cuda/launchers.cuh) see raw pointers only.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,8 +14,8 @@
 #include <cstring>
 #include <string>
 
-#include "cuda/kernels.cuh"
-#include "ops_common.h"
+#include "cuda/launchers.cuh"
+#include "checks.h"
 
 namespace qalora {
 

@@ -1,4 +1,7 @@
-// CUDA kernels of qalora_ext: raw pointers and a stream in, no torch headers.
+// The launchers of qalora_ext's CUDA kernels: raw pointers and a stream in, no
+// torch headers. Defined in qlinear_prologue.cu (chunk sums, adapter input),
+// gemv.cu (GEMV, split-K reduce), gemm_mma.cu, grad_mma.cu and
+// format_kernels.cu (dequantize, pack, unpack, RTN).
 //
 // Every launcher returns the launch's cudaError_t; the binding
 // (cuda/ops_cuda.cpp) checks inputs, picks the path by M, guards the device

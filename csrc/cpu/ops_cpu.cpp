@@ -1,7 +1,7 @@
-// The qalora op schemas (one namespace, defined once) and their CPU
-// implementations: input checks, dtype handling, threading, and the choice
-// between the small-M packed kernels and the large-M dequantize + GEMM path.
-// The kernels themselves (cpu/) see raw pointers only.
+// The CPU implementations of the qalora ops (schemas in torch_bindings.cpp):
+// input checks, dtype handling, threading, and the choice between the small-M
+// packed kernels and the large-M dequantize + GEMM path. The kernels
+// themselves (cpu/*.cpp) see raw pointers only.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -11,7 +11,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
-#include "ops_common.h"
+#include "checks.h"
 
 namespace qalora {
 namespace {
@@ -340,22 +340,6 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
 }
 
 }  // namespace
-
-TORCH_LIBRARY(qalora, m) {
-  m.def("quantize_rtn(Tensor weight, int bits, int group_size, ScalarType scale_dtype, ScalarType zero_dtype)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("pack(Tensor codes, int bits) -> Tensor");
-  m.def("unpack(Tensor packed, int bits, int in_features, int layout) -> Tensor");
-  m.def("dequantize(Tensor packed, Tensor scale, Tensor zero, int bits, int group_size, int layout) -> Tensor");
-  m.def("qlinear(Tensor x, Tensor packed, Tensor scale, Tensor zero, Tensor? bias, Tensor? lora_A, "
-        "Tensor? lora_B, Tensor? pool_mask, float scaling, int bits, int group_size, int layout) -> Tensor");
-  // qlinear with activations quantized to int8 per group (opt-in, inference
-  // only: it has no autograd formula).
-  m.def("qlinear_int8(Tensor x, Tensor packed, Tensor scale, Tensor zero, Tensor? bias, Tensor? lora_A, "
-        "Tensor? lora_B, Tensor? pool_mask, float scaling, int bits, int group_size, int layout) -> Tensor");
-  m.def("qlinear_grad_input(Tensor grad_out, Tensor packed, Tensor scale, Tensor zero, Tensor? lora_A, "
-        "Tensor? lora_B, Tensor? pool_mask, float scaling, int bits, int group_size, int layout) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(qalora, CPU, m) {
   m.impl("quantize_rtn", &quantize_rtn_cpu);
