@@ -35,16 +35,18 @@ _qalora_setup_now() {  # tenths of a second (EPOCHREALTIME: bash >= 5; else whol
 _qalora_setup_fmt() { local d=$(( $1 )); if (( d >= 600 )); then printf '%dm%02ds' $((d / 600)) $(((d % 600) / 10)); else printf '%d.%ds' $((d / 10)) $((d % 10)); fi; }
 _QALORA_SETUP_T0="$(_qalora_setup_now)"
 _QALORA_SETUP_STEPS=()
+_QALORA_SETUP_STEPS_SUM=0
 step_start() { _QALORA_SETUP_STEP_T0="$(_qalora_setup_now)"; log "$*"; }
 step_end() {  # step_end NAME: log and record the time since step_start
   local d=$(( $(_qalora_setup_now) - _QALORA_SETUP_STEP_T0 ))
   _QALORA_SETUP_STEPS+=("$1 $(_qalora_setup_fmt "$d")")
+  _QALORA_SETUP_STEPS_SUM=$((_QALORA_SETUP_STEPS_SUM + d))
   log "$1: $(_qalora_setup_fmt "$d")"
 }
-setup_done() {  # the whole set-up's wall time, with the steps that ran (the others were already done)
+setup_done() {  # the whole set-up's wall time: the steps that ran (the others were already done), and the checks
   local d=$(( $(_qalora_setup_now) - _QALORA_SETUP_T0 )) steps="" s
-  for s in "${_QALORA_SETUP_STEPS[@]}"; do steps+="${steps:+, }$s"; done
-  log "set-up done in $(_qalora_setup_fmt "$d") (${steps:-every step already done})"
+  for s in ${_QALORA_SETUP_STEPS[@]+"${_QALORA_SETUP_STEPS[@]}"}; do steps+="${s}, "; done
+  log "set-up done in $(_qalora_setup_fmt "$d") (${steps}checks $(_qalora_setup_fmt $((d - _QALORA_SETUP_STEPS_SUM))))"
 }
 
 if [ ! -x "$PY" ]; then
@@ -60,12 +62,18 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 # enough for the extension (>= 2.11); otherwise TORCH_SPEC is installed. On
 # this project's machines torch==2.13.0 resolves to the CPU build on local
 # disk; elsewhere QALORA_TORCH_INDEX can name a CPU wheel index.
-if ! "$PY" -c "import sys, torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 11))" 2>/dev/null; then
-  step_start "installing $TORCH_SPEC"
+# (Each import of torch costs seconds, so a rerun imports it twice only: here
+# and in the final import of qalora_ext.)
+torch_version() { "$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true; }
+TORCH_VERSION="$(torch_version)"
+_v="${TORCH_VERSION#*.}"
+if [ -z "$TORCH_VERSION" ] || (( 10#${TORCH_VERSION%%.*} < 2 )) || { (( 10#${TORCH_VERSION%%.*} == 2 )) && (( 10#${_v%%[!0-9]*} < 11 )); }; then
+  step_start "installing $TORCH_SPEC${TORCH_VERSION:+ (replacing torch $TORCH_VERSION)}"
   "${PIP[@]}" install --quiet ${QALORA_TORCH_INDEX:+--index-url "$QALORA_TORCH_INDEX"} "$TORCH_SPEC"
+  TORCH_VERSION="$(torch_version)"
   step_end torch
 else
-  log "keeping torch $("$PY" -c 'import torch; print(torch.__version__)')"
+  log "keeping torch $TORCH_VERSION"
 fi
 
 # What the main job needs (pip install is a no-op when satisfied): the build
@@ -88,15 +96,20 @@ fi
 
 # Build (editable) when the C++/CMake sources or torch changed.
 src_hash="$(cd "$ROOT" && { find csrc cmake -type f -print0 | sort -z | xargs -0 cat; cat CMakeLists.txt pyproject.toml; \
-  "$PY" -c 'import torch; print(torch.__version__)'; } | sha256sum | cut -c1-16)"
+  echo "$TORCH_VERSION"; } | sha256sum | cut -c1-16)"
 stamp_build="$VENV/.qalora-build"
-if [ "$(cat "$stamp_build" 2>/dev/null)" != "$src_hash" ] || ! "$PY" -c "import qalora_ext" 2>/dev/null; then
+qalora_info() { "$PY" -c "import qalora_ext as q; print('qalora_ext', q.__version__, q.build_info())" 2>/dev/null || true; }
+QALORA_INFO=""
+if [ "$(cat "$stamp_build" 2>/dev/null)" = "$src_hash" ]; then QALORA_INFO="$(qalora_info)"; fi
+if [ -z "$QALORA_INFO" ]; then
   step_start "building qalora_ext (pip install --no-build-isolation -e .)"
   # No build isolation: the extension must compile against the torch in this
   # environment, not a fresh (several-GB) torch in pip's build sandbox.
   (cd "$ROOT" && "${PIP[@]}" install --quiet --no-build-isolation -e .)
   echo "$src_hash" > "$stamp_build"
   step_end build
+  QALORA_INFO="$(qalora_info)"
+  [ -n "$QALORA_INFO" ] || { log "qalora_ext built but does not import:"; "$PY" -c "import qalora_ext"; }
 fi
 
 if [ "$SETUP_FOR" = tests ]; then
@@ -137,4 +150,4 @@ if [ "$SETUP_FOR" = tests ]; then
   fi
 fi
 
-"$PY" -c "import qalora_ext as q; print('qalora_ext', q.__version__, q.build_info())" >&2
+echo "$QALORA_INFO" >&2
