@@ -23,8 +23,6 @@ constexpr int64_t kSmallMThreshold = 64;
 // over sooner (bench: INT4 4096x4096, 2 threads).
 constexpr int64_t kSmallMThresholdGrad = 10;
 
-inline int64_t cpu_chunk() { return kChunk; }
-
 // Rows of a (..., F) tensor: the product of its leading dimensions (well
 // defined when F is 0, unlike numel() / F).
 inline int64_t leading_rows(const at::Tensor& t) {
@@ -68,6 +66,15 @@ inline void check_packed(const at::Tensor& packed, int64_t bits, int64_t K) {
                     " at bits=", bits, " needs ", want, " (layout 1)");
 }
 
+// unpack's arguments.
+inline void check_unpack_args(const at::Tensor& packed, int64_t bits, int64_t in_features, int64_t layout) {
+  check_layout(layout);
+  check_bits(bits);
+  TORCH_CHECK_VALUE(in_features > 0 && in_features % kChunk == 0,
+                    "in_features must be a positive multiple of 32; got ", in_features);
+  check_packed(packed, bits, in_features);
+}
+
 inline void check_quant_weight(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
                                int64_t bits, int64_t group_size, int64_t layout) {
   check_layout(layout);
@@ -90,14 +97,46 @@ inline void check_quant_weight(const at::Tensor& packed, const at::Tensor& scale
                     ", ", zero.device());
 }
 
-inline StoreType store_type_of(const at::Tensor& t, const char* what) {
+inline FloatType float_type_of(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
-    case at::kFloat: return StoreType::kFloat32;
-    case at::kHalf: return StoreType::kFloat16;
-    case at::kBFloat16: return StoreType::kBFloat16;
+    case at::kFloat: return FloatType::kFloat32;
+    case at::kHalf: return FloatType::kFloat16;
+    case at::kBFloat16: return FloatType::kBFloat16;
     default: TORCH_CHECK_TYPE(false, what, " must be float32, float16 or bfloat16; got ", t.scalar_type());
   }
-  return StoreType::kFloat32;
+  return FloatType::kFloat32;
+}
+
+// The raw view of a checked packed weight whose tensors are contiguous: what
+// the kernels take.
+inline PackedView view_of(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                          int64_t group_size) {
+  PackedView v;
+  v.packed = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+  v.stride_words = packed.size(1);
+  v.scale = scale.data_ptr();
+  v.scale_type = float_type_of(scale, "scale");
+  v.zero = zero.data_ptr();
+  v.zero_type = float_type_of(zero, "zero");
+  v.N = packed.size(0);
+  v.K = scale.size(1) * group_size;
+  v.bits = static_cast<int>(bits);
+  v.group_size = static_cast<int>(group_size);
+  return v;
+}
+
+// A packed weight made contiguous, with the raw view the kernels take (the
+// tensors keep the memory alive while the view is used).
+struct ContiguousWeight {
+  at::Tensor packed, scale, zero;
+  PackedView view;
+};
+
+inline ContiguousWeight contiguous_weight(const at::Tensor& packed, const at::Tensor& scale,
+                                          const at::Tensor& zero, int64_t bits, int64_t group_size) {
+  ContiguousWeight c{packed.contiguous(), scale.contiguous(), zero.contiguous(), {}};
+  c.view = view_of(c.packed, c.scale, c.zero, bits, group_size);
+  return c;
 }
 
 // quantize_rtn's input: a 2-D floating weight whose rows split into groups.

@@ -4,10 +4,10 @@
 namespace qalora {
 namespace cpu {
 
-void pooled_adapter_input(const float* xsum, const float* mask, const float* A, int64_t M, int64_t L, int64_t rank,
+void adapter_input(const float* group_sums, const float* mask, const float* A, int64_t M, int64_t L, int64_t rank,
                           double factor, float* u) {
   for (int64_t m = 0; m < M; ++m) {
-    const float* xs = xsum + m * L;
+    const float* xs = group_sums + m * L;
     const float* mk = mask ? mask + m * L : nullptr;
     for (int64_t r = 0; r < rank; ++r) {
       const float* a = A + r * L;

@@ -8,8 +8,8 @@
 namespace qalora {
 namespace cpu {
 
-void quantize_rtn_rows(const float* w, int64_t K, int bits, int group_size, void* scale, StoreType scale_type,
-                       void* zero, StoreType zero_type, uint32_t* packed, int64_t stride_words, int64_t n0,
+void quantize_rtn_rows(const float* w, int64_t K, int bits, int group_size, void* scale, FloatType scale_type,
+                       void* zero, FloatType zero_type, uint32_t* packed, int64_t stride_words, int64_t n0,
                        int64_t n1) {
   const int64_t L = K / group_size;
   const float qmax = static_cast<float>((1 << bits) - 1);

@@ -21,11 +21,11 @@ constexpr int64_t kMaxSmallM = 64;
 struct KernelTable {
   const char* name;
   // y[m, n] for rows n in [n0, n1), m in [0, M) (M <= kMaxSmallM):
-  //   sum_g scale[n,g] * (q[n, g] . x[m, g]) + zero[n,g] * xsum[m,g]
+  //   sum_g scale[n,g] * (q[n, g] . x[m, g]) + zero[n,g] * group_sums[m,g]
   //   + bias[n] + sum_r u[m, r] * B[n, r]
-  // x: (M, K); xsum: (M, L) group sums of x; bias (N) or null;
+  // x: (M, K); group_sums: (M, L) group sums of x; bias (N) or null;
   // u: (M, rank) and B: (N, rank) or null; y: (M, N).
-  void (*forward_rows)(const PackedView& w, const float* x, int64_t M, const float* xsum, const float* bias,
+  void (*forward_rows)(const PackedView& w, const float* x, int64_t M, const float* group_sums, const float* bias,
                        const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1);
   // gx[m, k] for the columns of groups [g0, g1), m in [0, M):
   //   sum_n gyT[n, m] * W~[n, k] + group_add[m, k / G]
@@ -34,8 +34,9 @@ struct KernelTable {
                             int64_t g0, int64_t g1);
   // out[(n - n0), k] = W~[n, k] for rows [n0, n1); out has row stride K.
   void (*dequantize_rows)(const PackedView& w, float* out, int64_t n0, int64_t n1);
-  // xsum[m, g] = sum of x[m, g*G : (g+1)*G] for m in [m0, m1).
-  void (*group_sums)(const float* x, int64_t K, int64_t group_size, float* xsum, int64_t m0, int64_t m1);
+  // out[m, g] = sum of x[m, g*G : (g+1)*G] for m in [m0, m1): the group sums
+  // the kernels above take (the adapter's pooled input is group_sums / G).
+  void (*group_sums)(const float* x, int64_t K, int64_t group_size, float* out, int64_t m0, int64_t m1);
 
   // ---- decode-sized M (M <= kGemvMaxM), float activations ----
   // Optional (null: forward_rows serves these M too). The kernel reads x in
@@ -44,19 +45,19 @@ struct KernelTable {
   // with x given as M prepared rows.
   int64_t (*prepared_len_f32)(int64_t K, int bits);
   void (*prepare_f32)(const float* x, int64_t K, int bits, float* out);
-  void (*gemv_rows)(const PackedView& w, const float* x_prepared, int64_t M, const float* xsum, const float* bias,
+  void (*gemv_rows)(const PackedView& w, const float* x_prepared, int64_t M, const float* group_sums, const float* bias,
                     const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1);
 
   // ---- int8 activations (opt-in, any M this path is used for) ----
   // x is quantized per weight group by quantize_act_i8 (xq = round(x / dx),
   // dx = max|x_g| / 127), each row of xq re-ordered by prepare_i8 into
   // prepared_len_i8(K, bits) bytes. forward_rows_i8: y rows [n0, n1) =
-  //   sum_g scale * dx[m, g] * (q . xq)_g + zero * xsum + bias + u B^T,
+  //   sum_g scale * dx[m, g] * (q . xq)_g + zero * group_sums + bias + u B^T,
   // the code x xq sums in exact int32. dx: (M, L) followed by 16 zeros.
   int64_t (*prepared_len_i8)(int64_t K, int bits);
   void (*prepare_i8)(const int8_t* xq, int64_t K, int bits, int8_t* out);
   void (*forward_rows_i8)(const PackedView& w, const int8_t* xq_prepared, const float* dx, int64_t M,
-                          const float* xsum, const float* bias, const float* u, const float* B, int64_t rank,
+                          const float* group_sums, const float* bias, const float* u, const float* B, int64_t rank,
                           float* y, int64_t n0, int64_t n1);
 };
 
@@ -85,7 +86,7 @@ const KernelTable* kernel_table_avx512vnni();  // avx512 + hand-written decode k
 namespace avx2_decode {
 int64_t prepared_len_f32(int64_t K, int bits);
 void prepare_f32(const float* x, int64_t K, int bits, float* out);
-void gemv_rows(const PackedView& w, const float* x_prepared, int64_t M, const float* xsum, const float* bias,
+void gemv_rows(const PackedView& w, const float* x_prepared, int64_t M, const float* group_sums, const float* bias,
                const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1);
 }  // namespace avx2_decode
 #endif
@@ -106,14 +107,14 @@ const char* compiled_isas();  // comma-separated
 // ---- Non-hot kernels (one build, no ISA variants) ------------------------
 
 // The adapter's input at small M (cpu/adapter_input.cpp): u[m, r] = factor * sum_g mask[m, g] *
-// xsum[m, g] * A[r, g] (mask null: all ones); factor = scaling / G.
-void pooled_adapter_input(const float* xsum, const float* mask, const float* A, int64_t M, int64_t L, int64_t rank,
+// group_sums[m, g] * A[r, g] (mask null: all ones); factor = scaling / G.
+void adapter_input(const float* group_sums, const float* mask, const float* A, int64_t M, int64_t L, int64_t rank,
                           double factor, float* u);
 
 // The packed format's kernels (cpu/format_kernels.cpp).
 // RTN quantization (SPEC) of rows [n0, n1) of w (N, K) float32.
-void quantize_rtn_rows(const float* w, int64_t K, int bits, int group_size, void* scale, StoreType scale_type,
-                       void* zero, StoreType zero_type, uint32_t* packed, int64_t stride_words, int64_t n0,
+void quantize_rtn_rows(const float* w, int64_t K, int bits, int group_size, void* scale, FloatType scale_type,
+                       void* zero, FloatType zero_type, uint32_t* packed, int64_t stride_words, int64_t n0,
                        int64_t n1);
 // codes (N, K) uint8 -> packed, rows [n0, n1). Codes must be < 2^bits.
 void pack_rows(const uint8_t* codes, int64_t K, int bits, uint32_t* packed, int64_t stride_words, int64_t n0,

@@ -27,17 +27,17 @@ constexpr int span_words(int bits) { return span_codes(bits) * bits / 32; }
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Scale or zero row [off, off + L) as float32, zero-filled to round_up(L, 8) + 8.
-void row_to_f32(const void* base, StoreType t, int64_t off, int64_t L, float* out) {
+void row_to_f32(const void* base, FloatType t, int64_t off, int64_t L, float* out) {
   int64_t i = 0;
   switch (t) {
-    case StoreType::kFloat16: {
+    case FloatType::kFloat16: {
       const uint16_t* p = static_cast<const uint16_t*>(base) + off;
       for (; i + 8 <= L; i += 8)
         _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
       for (; i < L; ++i) out[i] = half_bits_to_float(p[i]);
       break;
     }
-    case StoreType::kBFloat16: {
+    case FloatType::kBFloat16: {
       const uint16_t* p = static_cast<const uint16_t*>(base) + off;
       for (; i + 8 <= L; i += 8) {
         const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)));
@@ -159,7 +159,7 @@ void prepare_f32_impl(const float* x, int64_t K, int bits, float* xp) {
 }
 
 template <int BITS, int MT>
-void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* xsum, const float* bias,
+void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* group_sums, const float* bias,
                  const float* u, const float* B, int64_t rank, float* y, int64_t ldy, int64_t n0, int64_t n1,
                  float* sbuf, float* zbuf) {
   constexpr int C = lane_codes(BITS), S = span_codes(BITS);
@@ -200,7 +200,7 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
       for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(ps[m], sv, acc[m]);
     }
     for (int m = 0; m < MT; ++m) {
-      float v = hsum(acc[m]) + dot_f32(zbuf, xsum + m * L, L);
+      float v = hsum(acc[m]) + dot_f32(zbuf, group_sums + m * L, L);
       if (bias) v += bias[n];
       if (u) v += dot_f32(u + m * rank, B + n * rank, rank);
       y[m * ldy + n] = v;
@@ -209,7 +209,7 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
 }
 
 template <int BITS>
-void gemv_rows_bits(const PackedView& w, const float* xp, int64_t M, const float* xsum, const float* bias,
+void gemv_rows_bits(const PackedView& w, const float* xp, int64_t M, const float* group_sums, const float* bias,
                     const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
   const int64_t L = w.groups(), Kp = prepared_len(w.K, BITS);
   const int64_t nbuf = (L + 7) / 8 * 8 + 8;
@@ -218,7 +218,7 @@ void gemv_rows_bits(const PackedView& w, const float* xp, int64_t M, const float
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const int64_t mt = M - m0 < 4 ? M - m0 : 4;
     const float* x = xp + m0 * Kp;
-    const float* xs = xsum + m0 * L;
+    const float* xs = group_sums + m0 * L;
     const float* um = u ? u + m0 * rank : nullptr;
     float* ym = y + m0 * w.N;
     switch (mt) {
@@ -237,12 +237,12 @@ int64_t prepared_len_f32(int64_t K, int bits) { return prepared_len(K, bits); }
 
 void prepare_f32(const float* x, int64_t K, int bits, float* out) { prepare_f32_impl(x, K, bits, out); }
 
-void gemv_rows(const PackedView& w, const float* xp, int64_t M, const float* xsum, const float* bias, const float* u,
-               const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
+void gemv_rows(const PackedView& w, const float* xp, int64_t M, const float* group_sums, const float* bias,
+               const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
   switch (w.bits) {
-    case 2: return gemv_rows_bits<2>(w, xp, M, xsum, bias, u, B, rank, y, n0, n1);
-    case 3: return gemv_rows_bits<3>(w, xp, M, xsum, bias, u, B, rank, y, n0, n1);
-    default: return gemv_rows_bits<4>(w, xp, M, xsum, bias, u, B, rank, y, n0, n1);
+    case 2: return gemv_rows_bits<2>(w, xp, M, group_sums, bias, u, B, rank, y, n0, n1);
+    case 3: return gemv_rows_bits<3>(w, xp, M, group_sums, bias, u, B, rank, y, n0, n1);
+    default: return gemv_rows_bits<4>(w, xp, M, group_sums, bias, u, B, rank, y, n0, n1);
   }
 }
 

@@ -42,17 +42,17 @@ constexpr int span_words(int bits) { return span_codes(bits) * bits / 32; }
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Scale or zero row [off, off + L) as float32, zero-filled to round_up(L, 16) + 16.
-void row_to_f32(const void* base, StoreType t, int64_t off, int64_t L, float* out) {
+void row_to_f32(const void* base, FloatType t, int64_t off, int64_t L, float* out) {
   int64_t i = 0;
   switch (t) {
-    case StoreType::kFloat16: {
+    case FloatType::kFloat16: {
       const uint16_t* p = static_cast<const uint16_t*>(base) + off;
       for (; i + 16 <= L; i += 16)
         _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i))));
       for (; i < L; ++i) out[i] = half_bits_to_float(p[i]);
       break;
     }
-    case StoreType::kBFloat16: {
+    case FloatType::kBFloat16: {
       const uint16_t* p = static_cast<const uint16_t*>(base) + off;
       for (; i + 16 <= L; i += 16) {
         const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
@@ -193,7 +193,7 @@ void prepare_f32(const float* x, int64_t K, int bits, float* xp) {
 
 // y rows [n0, n1) for MT activation rows (prepared, stride Kp).
 template <int BITS, int MT>
-void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* xsum, const float* bias,
+void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* group_sums, const float* bias,
                  const float* u, const float* B, int64_t rank, float* y, int64_t ldy, int64_t n0, int64_t n1,
                  float* sbuf, float* zbuf) {
   constexpr int C = lane_codes(BITS), S = span_codes(BITS);
@@ -228,7 +228,7 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
       for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(ps[m], sv, acc[m]);
     }
     for (int m = 0; m < MT; ++m) {
-      float v = _mm512_reduce_add_ps(acc[m]) + dot_f32(zbuf, xsum + m * L, L);
+      float v = _mm512_reduce_add_ps(acc[m]) + dot_f32(zbuf, group_sums + m * L, L);
       if (bias) v += bias[n];
       if (u) v += dot_f32(u + m * rank, B + n * rank, rank);
       y[m * ldy + n] = v;
@@ -240,7 +240,7 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
 // feeds NR FMAs. With one row per pass the x loads (4 bytes per code)
 // outnumber the code bytes eight to one, and for large K they come from L2.
 template <int BITS, int NR>
-void gemv_rows_m1(const PackedView& w, const float* xp, int64_t Kp, const float* xsum, const float* bias,
+void gemv_rows_m1(const PackedView& w, const float* xp, int64_t Kp, const float* group_sums, const float* bias,
                   const float* u, const float* B, int64_t rank, float* y, int64_t n0, float* const* sbuf,
                   float* const* zbuf) {
   constexpr int C = lane_codes(BITS), S = span_codes(BITS);
@@ -279,7 +279,7 @@ void gemv_rows_m1(const PackedView& w, const float* xp, int64_t Kp, const float*
   }
   for (int r = 0; r < NR; ++r) {
     const int64_t n = n0 + r;
-    float v = _mm512_reduce_add_ps(acc[r]) + dot_f32(zbuf[r], xsum, L);
+    float v = _mm512_reduce_add_ps(acc[r]) + dot_f32(zbuf[r], group_sums, L);
     if (bias) v += bias[n];
     if (u) v += dot_f32(u, B + n * rank, rank);
     y[n] = v;
@@ -310,11 +310,11 @@ void prepare_i8(const int8_t* xq, int64_t K, int bits, int8_t* out) {
         }
 }
 
-inline void finish_row_i8(const __m512* acc, int MT, const float* zbuf, const float* xsum, int64_t L,
+inline void finish_row_i8(const __m512* acc, int MT, const float* zbuf, const float* group_sums, int64_t L,
                           const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t ldy,
                           int64_t n) {
   for (int m = 0; m < MT; ++m) {
-    float v = _mm512_reduce_add_ps(acc[m]) + dot_f32(zbuf, xsum + m * L, L);
+    float v = _mm512_reduce_add_ps(acc[m]) + dot_f32(zbuf, group_sums + m * L, L);
     if (bias) v += bias[n];
     if (u) v += dot_f32(u + m * rank, B + n * rank, rank);
     y[m * ldy + n] = v;
@@ -322,7 +322,7 @@ inline void finish_row_i8(const __m512* acc, int MT, const float* zbuf, const fl
 }
 
 template <int BITS, int MT>
-void gemv_rows_i8_words(const PackedView& w, const int8_t* xq, int64_t Kp, const float* dx, const float* xsum,
+void gemv_rows_i8_words(const PackedView& w, const int8_t* xq, int64_t Kp, const float* dx, const float* group_sums,
                         const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t ldy,
                         int64_t n0, int64_t n1, float* sbuf, float* zbuf) {
   constexpr int C = lane_codes(BITS), S = span_codes(BITS), P = 8 / BITS;
@@ -356,13 +356,13 @@ void gemv_rows_i8_words(const PackedView& w, const int8_t* xq, int64_t Kp, const
       for (int m = 0; m < MT; ++m)
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[m]), _mm512_mul_ps(sv, per_lane(dx + m * L, g0, gidx)), acc[m]);
     }
-    finish_row_i8(acc, MT, zbuf, xsum, L, bias, u, B, rank, y, ldy, n);
+    finish_row_i8(acc, MT, zbuf, group_sums, L, bias, u, B, rank, y, ldy, n);
   }
 }
 
 // b = 3: 64 codes (24 bytes) at a time, natural order.
 template <int MT>
-void gemv_rows_i8_b3(const PackedView& w, const int8_t* xq, int64_t Kp, const float* dx, const float* xsum,
+void gemv_rows_i8_b3(const PackedView& w, const int8_t* xq, int64_t Kp, const float* dx, const float* group_sums,
                      const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t ldy,
                      int64_t n0, int64_t n1, float* sbuf, float* zbuf) {
   const int64_t L = w.groups();
@@ -400,7 +400,7 @@ void gemv_rows_i8_b3(const PackedView& w, const int8_t* xq, int64_t Kp, const fl
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(sv, per_lane(dx + m * L, g0, gidx)), acc[m]);
       }
     }
-    finish_row_i8(acc, MT, zbuf, xsum, L, bias, u, B, rank, y, ldy, n);
+    finish_row_i8(acc, MT, zbuf, group_sums, L, bias, u, B, rank, y, ldy, n);
   }
 }
 
@@ -421,7 +421,7 @@ struct RowBuffers {
 };
 
 template <int BITS>
-void gemv_rows_bits(const PackedView& w, const float* xp, int64_t M, const float* xsum, const float* bias,
+void gemv_rows_bits(const PackedView& w, const float* xp, int64_t M, const float* group_sums, const float* bias,
                     const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
   const int64_t Kp = prepared_len(w.K, BITS), L = w.groups();
   // Row blocks pay only when the prepared x no longer fits L1 (32 KB): then
@@ -434,15 +434,15 @@ void gemv_rows_bits(const PackedView& w, const float* xp, int64_t M, const float
     float* const sb[NR] = {b0.s, b1.s, b2.s, b3.s};
     float* const zb[NR] = {b0.z, b1.z, b2.z, b3.z};
     int64_t n = n0;
-    for (; n + NR <= n1; n += NR) gemv_rows_m1<BITS, NR>(w, xp, Kp, xsum, bias, u, B, rank, y, n, sb, zb);
-    for (; n < n1; ++n) gemv_rows_m1<BITS, 1>(w, xp, Kp, xsum, bias, u, B, rank, y, n, sb, zb);
+    for (; n + NR <= n1; n += NR) gemv_rows_m1<BITS, NR>(w, xp, Kp, group_sums, bias, u, B, rank, y, n, sb, zb);
+    for (; n < n1; ++n) gemv_rows_m1<BITS, 1>(w, xp, Kp, group_sums, bias, u, B, rank, y, n, sb, zb);
     return;
   }
   RowBuffers buf(L);
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const int64_t mt = M - m0 < 4 ? M - m0 : 4;
     const float* x = xp + m0 * Kp;
-    const float* xs = xsum + m0 * L;
+    const float* xs = group_sums + m0 * L;
     const float* um = u ? u + m0 * rank : nullptr;
     float* ym = y + m0 * w.N;
     switch (mt) {
@@ -454,29 +454,29 @@ void gemv_rows_bits(const PackedView& w, const float* xp, int64_t M, const float
   }
 }
 
-void gemv_rows(const PackedView& w, const float* xp, int64_t M, const float* xsum, const float* bias, const float* u,
-               const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
+void gemv_rows(const PackedView& w, const float* xp, int64_t M, const float* group_sums, const float* bias,
+               const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
   switch (w.bits) {
-    case 2: return gemv_rows_bits<2>(w, xp, M, xsum, bias, u, B, rank, y, n0, n1);
-    case 3: return gemv_rows_bits<3>(w, xp, M, xsum, bias, u, B, rank, y, n0, n1);
-    default: return gemv_rows_bits<4>(w, xp, M, xsum, bias, u, B, rank, y, n0, n1);
+    case 2: return gemv_rows_bits<2>(w, xp, M, group_sums, bias, u, B, rank, y, n0, n1);
+    case 3: return gemv_rows_bits<3>(w, xp, M, group_sums, bias, u, B, rank, y, n0, n1);
+    default: return gemv_rows_bits<4>(w, xp, M, group_sums, bias, u, B, rank, y, n0, n1);
   }
 }
 
 template <int MT>
-void i8_rows_mt(const PackedView& w, const int8_t* xq, int64_t Kp, const float* dx, const float* xsum,
+void i8_rows_mt(const PackedView& w, const int8_t* xq, int64_t Kp, const float* dx, const float* group_sums,
                 const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1,
                 RowBuffers& buf) {
   switch (w.bits) {
     case 2:
-      return gemv_rows_i8_words<2, MT>(w, xq, Kp, dx, xsum, bias, u, B, rank, y, w.N, n0, n1, buf.s, buf.z);
-    case 3: return gemv_rows_i8_b3<MT>(w, xq, Kp, dx, xsum, bias, u, B, rank, y, w.N, n0, n1, buf.s, buf.z);
+      return gemv_rows_i8_words<2, MT>(w, xq, Kp, dx, group_sums, bias, u, B, rank, y, w.N, n0, n1, buf.s, buf.z);
+    case 3: return gemv_rows_i8_b3<MT>(w, xq, Kp, dx, group_sums, bias, u, B, rank, y, w.N, n0, n1, buf.s, buf.z);
     default:
-      return gemv_rows_i8_words<4, MT>(w, xq, Kp, dx, xsum, bias, u, B, rank, y, w.N, n0, n1, buf.s, buf.z);
+      return gemv_rows_i8_words<4, MT>(w, xq, Kp, dx, group_sums, bias, u, B, rank, y, w.N, n0, n1, buf.s, buf.z);
   }
 }
 
-void forward_rows_i8(const PackedView& w, const int8_t* xq, const float* dx, int64_t M, const float* xsum,
+void forward_rows_i8(const PackedView& w, const int8_t* xq, const float* dx, int64_t M, const float* group_sums,
                      const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t n0,
                      int64_t n1) {
   RowBuffers buf(w.groups());
@@ -485,7 +485,7 @@ void forward_rows_i8(const PackedView& w, const int8_t* xq, const float* dx, int
     const int64_t mt = M - m0 < 4 ? M - m0 : 4;
     const int8_t* x = xq + m0 * Kp;
     const float* d = dx + m0 * L;
-    const float* xs = xsum + m0 * L;
+    const float* xs = group_sums + m0 * L;
     const float* um = u ? u + m0 * rank : nullptr;
     float* ym = y + m0 * w.N;
     switch (mt) {

@@ -79,9 +79,9 @@ inline void chunk_codes(const uint32_t (*wv)[kLanes], int i, float* q) {
 // scale or zero of group g for kLanes consecutive rows (stride L apart), as
 // floats. The dtype switch sits outside the lane loop so the conversion
 // vectorizes (F16C's vcvtph2ps where this copy is built with it).
-inline void load_lanes(const void* base, int64_t i0, int64_t stride, StoreType t, float* out) {
+inline void load_lanes(const void* base, int64_t i0, int64_t stride, FloatType t, float* out) {
   switch (t) {
-    case StoreType::kFloat16: {
+    case FloatType::kFloat16: {
 #if defined(__F16C__) && defined(__FLT16_MAX__)
       const _Float16* p = static_cast<const _Float16*>(base) + i0;
       for (int r = 0; r < kLanes; ++r) out[r] = static_cast<float>(p[r * stride]);
@@ -91,7 +91,7 @@ inline void load_lanes(const void* base, int64_t i0, int64_t stride, StoreType t
 #endif
       break;
     }
-    case StoreType::kBFloat16: {
+    case FloatType::kBFloat16: {
       const uint16_t* p = static_cast<const uint16_t*>(base) + i0;
       for (int r = 0; r < kLanes; ++r) out[r] = bits_float(static_cast<uint32_t>(p[r * stride]) << 16);
       break;
@@ -108,7 +108,7 @@ inline void load_lanes(const void* base, int64_t i0, int64_t stride, StoreType t
 // accumulators live in registers; larger M is done MT rows of x at a time
 // (the row block's codes stay in L1/L2 between passes).
 template <int BITS, int MT>
-void forward_row_block(const PackedView& w, const float* x, const float* xsum, float* out /* M x kLanes */,
+void forward_row_block(const PackedView& w, const float* x, const float* group_sums, float* out /* M x kLanes */,
                        int64_t n0, int64_t m0) {
   const int G = w.group_size;
   const int64_t L = w.groups();
@@ -144,7 +144,7 @@ void forward_row_block(const PackedView& w, const float* x, const float* xsum, f
     load_lanes(w.scale, n0 * L + g, L, w.scale_type, s);
     load_lanes(w.zero, n0 * L + g, L, w.zero_type, z);
     for (int m = 0; m < MT; ++m) {
-      const float xs = xsum[(m0 + m) * L + g];
+      const float xs = group_sums[(m0 + m) * L + g];
       QALORA_SIMD
       for (int r = 0; r < kLanes; ++r) acc[m][r] += s[r] * gacc[m][r] + z[r] * xs;
     }
@@ -154,22 +154,22 @@ void forward_row_block(const PackedView& w, const float* x, const float* xsum, f
 }
 
 template <int BITS>
-void forward_rows_block_allm(const PackedView& w, const float* x, int64_t M, const float* xsum, float* out,
+void forward_rows_block_allm(const PackedView& w, const float* x, int64_t M, const float* group_sums, float* out,
                              int64_t n0) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) forward_row_block<BITS, 4>(w, x, xsum, out, n0, m0);
+  for (; m0 + 4 <= M; m0 += 4) forward_row_block<BITS, 4>(w, x, group_sums, out, n0, m0);
   switch (M - m0) {
-    case 3: forward_row_block<BITS, 3>(w, x, xsum, out, n0, m0); break;
-    case 2: forward_row_block<BITS, 2>(w, x, xsum, out, n0, m0); break;
-    case 1: forward_row_block<BITS, 1>(w, x, xsum, out, n0, m0); break;
+    case 3: forward_row_block<BITS, 3>(w, x, group_sums, out, n0, m0); break;
+    case 2: forward_row_block<BITS, 2>(w, x, group_sums, out, n0, m0); break;
+    case 1: forward_row_block<BITS, 1>(w, x, group_sums, out, n0, m0); break;
     default: break;
   }
 }
 
 // One row at a time: the tail of a range that is not a whole row block.
 template <int BITS>
-void forward_rows_single(const PackedView& w, const float* x, int64_t M, const float* xsum, float* out /* M x 1 */,
-                         int64_t n) {
+void forward_rows_single(const PackedView& w, const float* x, int64_t M, const float* group_sums,
+                         float* out /* M x 1 */, int64_t n) {
   const int G = w.group_size;
   const int64_t L = w.groups();
   const int64_t K = w.K;
@@ -180,12 +180,12 @@ void forward_rows_single(const PackedView& w, const float* x, int64_t M, const f
     unpack_group<BITS>(row, g, G, q);
     const float s = load_store(w.scale, n * L + g, w.scale_type);
     const float z = load_store(w.zero, n * L + g, w.zero_type);
-    for (int64_t m = 0; m < M; ++m) out[m] += s * dot(q, x + m * K + g * G, G) + z * xsum[m * L + g];
+    for (int64_t m = 0; m < M; ++m) out[m] += s * dot(q, x + m * K + g * G, G) + z * group_sums[m * L + g];
   }
 }
 
 template <int BITS>
-void forward_rows_t(const PackedView& w, const float* x, int64_t M, const float* xsum, const float* bias,
+void forward_rows_t(const PackedView& w, const float* x, int64_t M, const float* group_sums, const float* bias,
                     const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
   const int64_t N = w.N;
   float out[kMaxSmallM * kLanes];
@@ -193,9 +193,9 @@ void forward_rows_t(const PackedView& w, const float* x, int64_t M, const float*
   while (n < n1) {
     const int rows = n + kLanes <= n1 ? kLanes : 1;
     if (rows == kLanes) {
-      forward_rows_block_allm<BITS>(w, x, M, xsum, out, n);
+      forward_rows_block_allm<BITS>(w, x, M, group_sums, out, n);
     } else {
-      forward_rows_single<BITS>(w, x, M, xsum, out, n);
+      forward_rows_single<BITS>(w, x, M, group_sums, out, n);
     }
     // Epilogue: bias and the adapter's u @ B^T for these rows.
     for (int r = 0; r < rows; ++r) {
@@ -259,7 +259,7 @@ void dequantize_rows_t(const PackedView& w, float* out, int64_t n0, int64_t n1) 
   }
 }
 
-void group_sums(const float* x, int64_t K, int64_t G, float* xsum, int64_t m0, int64_t m1) {
+void group_sums(const float* x, int64_t K, int64_t G, float* out, int64_t m0, int64_t m1) {
   const int64_t L = K / G;
   for (int64_t m = m0; m < m1; ++m) {
     for (int64_t g = 0; g < L; ++g) {
@@ -267,14 +267,14 @@ void group_sums(const float* x, int64_t K, int64_t G, float* xsum, int64_t m0, i
       float s = 0.f;
       QALORA_SIMD_REDUCE(s)
       for (int64_t i = 0; i < G; ++i) s += p[i];
-      xsum[m * L + g] = s;
+      out[m * L + g] = s;
     }
   }
 }
 
 // int8 activations, the portable version: xq in natural order.
 template <int BITS>
-void forward_rows_i8_t(const PackedView& w, const int8_t* xq, const float* dx, int64_t M, const float* xsum,
+void forward_rows_i8_t(const PackedView& w, const int8_t* xq, const float* dx, int64_t M, const float* group_sums,
                        const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t n0,
                        int64_t n1) {
   const int G = w.group_size;
@@ -294,7 +294,7 @@ void forward_rows_i8_t(const PackedView& w, const int8_t* xq, const float* dx, i
         int32_t acc = 0;
         QALORA_SIMD_REDUCE(acc)
         for (int i = 0; i < G; ++i) acc += q[i] * static_cast<int32_t>(xg[i]);
-        y[m * w.N + n] += s * dx[m * L + g] * static_cast<float>(acc) + z * xsum[m * L + g];
+        y[m * w.N + n] += s * dx[m * L + g] * static_cast<float>(acc) + z * group_sums[m * L + g];
       }
     }
     for (int64_t m = 0; m < M; ++m) {
@@ -311,22 +311,22 @@ void prepare_i8(const int8_t* xq, int64_t K, int, int8_t* out) {
   for (int64_t k = 0; k < K; ++k) out[k] = xq[k];
 }
 
-void forward_rows_i8(const PackedView& w, const int8_t* xq, const float* dx, int64_t M, const float* xsum,
+void forward_rows_i8(const PackedView& w, const int8_t* xq, const float* dx, int64_t M, const float* group_sums,
                      const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t n0,
                      int64_t n1) {
   switch (w.bits) {
-    case 2: return forward_rows_i8_t<2>(w, xq, dx, M, xsum, bias, u, B, rank, y, n0, n1);
-    case 3: return forward_rows_i8_t<3>(w, xq, dx, M, xsum, bias, u, B, rank, y, n0, n1);
-    default: return forward_rows_i8_t<4>(w, xq, dx, M, xsum, bias, u, B, rank, y, n0, n1);
+    case 2: return forward_rows_i8_t<2>(w, xq, dx, M, group_sums, bias, u, B, rank, y, n0, n1);
+    case 3: return forward_rows_i8_t<3>(w, xq, dx, M, group_sums, bias, u, B, rank, y, n0, n1);
+    default: return forward_rows_i8_t<4>(w, xq, dx, M, group_sums, bias, u, B, rank, y, n0, n1);
   }
 }
 
-void forward_rows(const PackedView& w, const float* x, int64_t M, const float* xsum, const float* bias,
+void forward_rows(const PackedView& w, const float* x, int64_t M, const float* group_sums, const float* bias,
                   const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
   switch (w.bits) {
-    case 2: return forward_rows_t<2>(w, x, M, xsum, bias, u, B, rank, y, n0, n1);
-    case 3: return forward_rows_t<3>(w, x, M, xsum, bias, u, B, rank, y, n0, n1);
-    default: return forward_rows_t<4>(w, x, M, xsum, bias, u, B, rank, y, n0, n1);
+    case 2: return forward_rows_t<2>(w, x, M, group_sums, bias, u, B, rank, y, n0, n1);
+    case 3: return forward_rows_t<3>(w, x, M, group_sums, bias, u, B, rank, y, n0, n1);
+    default: return forward_rows_t<4>(w, x, M, group_sums, bias, u, B, rank, y, n0, n1);
   }
 }
 

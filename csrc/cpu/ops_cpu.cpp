@@ -16,39 +16,8 @@
 namespace qalora {
 namespace {
 
-
 static_assert(kSmallMThreshold <= cpu::kMaxSmallM && kSmallMThresholdGrad <= cpu::kMaxSmallM,
               "the small-M kernels keep at most kMaxSmallM rows of accumulators");
-
-PackedView view_of(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
-                   int64_t group_size) {
-  PackedView v;
-  v.packed = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
-  v.stride_words = packed.size(1);
-  v.scale = scale.data_ptr();
-  v.scale_type = store_type_of(scale, "scale");
-  v.zero = zero.data_ptr();
-  v.zero_type = store_type_of(zero, "zero");
-  v.N = packed.size(0);
-  v.K = scale.size(1) * group_size;
-  v.bits = static_cast<int>(bits);
-  v.group_size = static_cast<int>(group_size);
-  return v;
-}
-
-// A packed weight made contiguous, with the raw view the kernels take (the
-// tensors keep the memory alive while the view is used).
-struct ContiguousWeight {
-  at::Tensor packed, scale, zero;
-  PackedView view;
-};
-
-ContiguousWeight contiguous_weight(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
-                                   int64_t bits, int64_t group_size) {
-  ContiguousWeight c{packed.contiguous(), scale.contiguous(), zero.contiguous(), {}};
-  c.view = view_of(c.packed, c.scale, c.zero, bits, group_size);
-  return c;
-}
 
 // Rows of W dequantized per block in the large-M path: a block of float
 // weights stays a few MB so it is reused from cache by the GEMM.
@@ -65,15 +34,16 @@ void dequantize_block(const PackedView& w, float* out, int64_t n0, int64_t n1) {
   at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) { k.dequantize_rows(w, out + (a - n0) * w.K, a, b); });
 }
 
-at::Tensor group_sums(const at::Tensor& x2d, int64_t group_size) {
+// The group sums of x (M, K) float32: (M, L), one sum per row and group.
+at::Tensor group_sums_of(const at::Tensor& x2d, int64_t group_size) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
-  auto xsum = at::empty({M, K / group_size}, x2d.options().dtype(at::kFloat));
+  auto sums = at::empty({M, K / group_size}, x2d.options().dtype(at::kFloat));
   const float* xp = x2d.data_ptr<float>();
-  float* sp = xsum.data_ptr<float>();
+  float* sp = sums.data_ptr<float>();
   const auto& k = cpu::active_kernels();
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)),
                    [&](int64_t a, int64_t b) { k.group_sums(xp, K, group_size, sp, a, b); });
-  return xsum;
+  return sums;
 }
 
 // ---------------------------------------------------------------------------
@@ -89,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn_cpu(const at::Tensor
   auto zero = at::empty({N, K / group_size}, w.options().dtype(zero_dtype));
   const int64_t stride = row_stride_words(K, static_cast<int>(bits));
   auto packed = at::empty({N, stride}, w.options().dtype(at::kInt));
-  const StoreType st = store_type_of(scale, "scale_dtype"), zt = store_type_of(zero, "zero_dtype");
+  const FloatType st = float_type_of(scale, "scale_dtype"), zt = float_type_of(zero, "zero_dtype");
   const float* wp = w.data_ptr<float>();
   uint32_t* pp = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
   void* sp = scale.data_ptr();
@@ -116,11 +86,7 @@ at::Tensor pack_cpu(const at::Tensor& codes, int64_t bits) {
 }
 
 at::Tensor unpack_cpu(const at::Tensor& packed, int64_t bits, int64_t in_features, int64_t layout) {
-  check_layout(layout);
-  check_bits(bits);
-  TORCH_CHECK_VALUE(in_features > 0 && in_features % cpu_chunk() == 0,
-                    "in_features must be a positive multiple of 32; got ", in_features);
-  check_packed(packed, bits, in_features);
+  check_unpack_args(packed, bits, in_features, layout);
   auto p = packed.contiguous();
   const int64_t N = p.size(0);
   auto codes = at::empty({N, in_features}, p.options().dtype(at::kByte));
@@ -142,6 +108,123 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
   return out;
 }
 
+// ---- qlinear: one function per M path ---------------------------------------
+
+// What the small-M kernels take, as raw pointers: x (M, K), its group sums
+// (M, L), and the epilogue's bias (N), adapter input u (M, rank) and lora_B
+// (N, rank), each null when absent; y (M, N) is written.
+struct SmallMArgs {
+  const float* x;
+  const float* group_sums;
+  const float* bias;
+  const float* u;
+  const float* B;
+  int64_t rank;
+  float* y;
+};
+
+// The adapter's input u = scaling * (mask * mean over groups) A^T, (M, r):
+// small, computed once before the product.
+at::Tensor adapter_input_of(const at::Tensor& group_sums, const at::Tensor& lora_A,
+                            const std::optional<at::Tensor>& pool_mask, double scaling, int64_t group_size) {
+  const int64_t M = group_sums.size(0), L = group_sums.size(1);
+  if (M < kSmallMThreshold) {
+    // Plain loops: at decode sizes the temporaries of the ATen version
+    // cost more than the arithmetic (M x r x L multiply-adds).
+    auto A = lora_A.to(at::kFloat).contiguous();
+    at::Tensor mask;
+    if (pool_mask) mask = pool_mask->reshape({M, L}).to(at::kFloat).contiguous();
+    const int64_t rank = A.size(0);
+    auto u = at::empty({M, rank}, group_sums.options());
+    cpu::adapter_input(group_sums.data_ptr<float>(), pool_mask ? mask.data_ptr<float>() : nullptr,
+                       A.data_ptr<float>(), M, L, rank, scaling / static_cast<double>(group_size),
+                       u.data_ptr<float>());
+    return u;
+  }
+  auto pooled = group_sums / static_cast<double>(group_size);
+  if (pool_mask) pooled = pooled * pool_mask->reshape({M, L}).to(at::kFloat);
+  return (at::mm(pooled, lora_A.to(at::kFloat).t()) * scaling).contiguous();
+}
+
+// Small M, int8 activations (op qlinear_int8): x quantized per group to int8,
+// the code x activation sums exact integers.
+void qlinear_rows_int8(const cpu::KernelTable& k, const PackedView& w, const at::Tensor& x2, const SmallMArgs& a) {
+  const int64_t M = x2.size(0), K = w.K, L = w.groups();
+  TORCH_CHECK_VALUE(at::isfinite(x2).all().item<bool>(),
+                    "x has NaN or infinite values; int8 activations need finite inputs");
+  auto xq = at::empty({M, K}, x2.options().dtype(at::kChar));
+  auto dx = at::zeros({M * L + 16}, x2.options());  // the kernels may read 16 past the end
+  int8_t* qp = xq.data_ptr<int8_t>();
+  float* dp = dx.data_ptr<float>();
+  cpu::quantize_act_i8_rows(a.x, K, w.group_size, qp, dp, 0, M);
+  const int64_t Kp = k.prepared_len_i8(K, w.bits);
+  auto xqp = at::empty({M, Kp}, xq.options());
+  int8_t* pp = xqp.data_ptr<int8_t>();
+  for (int64_t m = 0; m < M; ++m) k.prepare_i8(qp + m * K, K, w.bits, pp + m * Kp);
+  at::parallel_for(0, w.N, 64, [&](int64_t n0, int64_t n1) {
+    k.forward_rows_i8(w, pp, dp, M, a.group_sums, a.bias, a.u, a.B, a.rank, a.y, n0, n1);
+  });
+}
+
+// Decode-sized M (M <= cpu::kGemvMaxM, the ISA has gemv_rows): the
+// hand-written kernel, x in its own order.
+void qlinear_gemv(const cpu::KernelTable& k, const PackedView& w, const at::Tensor& x2, const SmallMArgs& a) {
+  const int64_t M = x2.size(0), K = w.K;
+  const int64_t Kp = k.prepared_len_f32(K, w.bits);
+  auto xprep = at::empty({M, Kp}, x2.options());
+  float* pp = xprep.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) k.prepare_f32(a.x + m * K, K, w.bits, pp + m * Kp);
+  at::parallel_for(0, w.N, 64, [&](int64_t n0, int64_t n1) {
+    k.gemv_rows(w, pp, M, a.group_sums, a.bias, a.u, a.B, a.rank, a.y, n0, n1);
+  });
+}
+
+// Small M (M < kSmallMThreshold): the packed kernel, all M rows of x per
+// block of weight rows.
+void qlinear_rows(const cpu::KernelTable& k, const PackedView& w, int64_t M, const SmallMArgs& a) {
+  const int64_t N = w.N;
+  // Tasks get whole blocks of 16 rows (a multiple of every ISA's row lanes),
+  // so only the last rows of the matrix take the one-row tail path.
+  constexpr int64_t kRowBlock = 16;
+  at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
+    k.forward_rows(w, a.x, M, a.group_sums, a.bias, a.u, a.B, a.rank, a.y, b0 * kRowBlock,
+                   std::min(N, b1 * kRowBlock));
+  });
+}
+
+// Large M (M >= kSmallMThreshold): the GEMM's arithmetic dominates. One
+// parallel region: each task dequantizes its own blocks of rows into a small
+// float buffer and runs a single-threaded GEMM on it (BLAS inside a parallel
+// region runs serially). One fork/join per call instead of two per block keeps
+// this path steady on a busy machine. bias, u and B: float32 or undefined.
+void qlinear_dequant_gemm(const cpu::KernelTable& k, const PackedView& w, const at::Tensor& x2, const at::Tensor& bias,
+                          const at::Tensor& u, const at::Tensor& B, at::Tensor& y) {
+  const int64_t N = w.N, K = w.K;
+  const int64_t rows = dequant_block_rows(K);
+  const int64_t nblocks = (N + rows - 1) / rows;
+  // OpenMP workers do not inherit the caller's thread-local state: without
+  // it, the ATen calls below would run outside the caller's inference mode
+  // (and refuse to write into y, an inference tensor there) and above the
+  // autograd guard.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard same_state(caller_state);
+    auto wbuf = at::empty({std::min(rows, N), K}, x2.options());
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * rows, n1 = std::min(N, n0 + rows);
+      auto wb = wbuf.narrow(0, 0, n1 - n0);
+      k.dequantize_rows(w, wb.data_ptr<float>(), n0, n1);
+      auto yb = y.narrow(1, n0, n1 - n0);
+      if (bias.defined()) {
+        at::addmm_out(yb, bias.narrow(0, n0, n1 - n0), x2, wb.t());
+      } else {
+        at::mm_out(yb, x2, wb.t());
+      }
+    }
+  });
+  if (u.defined()) y.addmm_(u, B.t());
+}
+
 // x (..., K) -> y (..., N) = x W~^T + bias + scaling * (pool'(x) A^T) B^T.
 // int8_activations: below kSmallMThreshold rows, x is quantized per group to
 // int8 and the code x activation sums are exact integers (op qlinear_int8).
@@ -157,7 +240,7 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
   const KernelDispatchGuard kernel_guard;  // the kernel's own casts, not autocast's
   const bool adapter =
       check_qlinear_args(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, bits, group_size, layout);
-  const int64_t N = packed.size(0), K = scale.size(1) * group_size, L = scale.size(1);
+  const int64_t N = packed.size(0), K = scale.size(1) * group_size;
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -167,104 +250,34 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
   auto x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
   const auto cw = contiguous_weight(packed, scale, zero, bits, group_size);
   const PackedView& w = cw.view;
-  auto xsum = group_sums(x2, group_size);
+  auto group_sums = group_sums_of(x2, group_size);
 
   at::Tensor u, B, b;
   if (adapter) {
-    // u = scaling * (mask * mean over groups) @ A^T, (M, r): small.
     B = lora_B->to(at::kFloat).contiguous();
-    if (M < kSmallMThreshold) {
-      // Plain loops: at decode sizes the temporaries of the ATen version
-      // cost more than the arithmetic (M x r x L multiply-adds).
-      auto A = lora_A->to(at::kFloat).contiguous();
-      at::Tensor mask;
-      if (pool_mask) mask = pool_mask->reshape({M, L}).to(at::kFloat).contiguous();
-      const int64_t rank = A.size(0);
-      u = at::empty({M, rank}, x2.options());
-      cpu::pooled_adapter_input(xsum.data_ptr<float>(), pool_mask ? mask.data_ptr<float>() : nullptr,
-                                A.data_ptr<float>(), M, L, rank, scaling / static_cast<double>(group_size),
-                                u.data_ptr<float>());
-    } else {
-      auto pooled = xsum / static_cast<double>(group_size);
-      if (pool_mask) pooled = pooled * pool_mask->reshape({M, L}).to(at::kFloat);
-      u = (at::mm(pooled, lora_A->to(at::kFloat).t()) * scaling).contiguous();
-    }
+    u = adapter_input_of(group_sums, *lora_A, pool_mask, scaling, group_size);
   }
   if (bias) b = bias->to(at::kFloat).contiguous();
 
   const auto& k = cpu::active_kernels();
-  at::Tensor y;
-  if (M < kSmallMThreshold) {
-    y = at::empty({M, N}, x2.options());
-    const float* sp = xsum.data_ptr<float>();
-    const float* bp = bias ? b.data_ptr<float>() : nullptr;
-    const float* up = adapter ? u.data_ptr<float>() : nullptr;
-    const float* Bp = adapter ? B.data_ptr<float>() : nullptr;
-    const int64_t rank = adapter ? u.size(1) : 0;
-    float* yp = y.data_ptr<float>();
-    const float* xp = x2.data_ptr<float>();
-    if (int8_activations) {
-      TORCH_CHECK_VALUE(at::isfinite(x2).all().item<bool>(),
-                        "x has NaN or infinite values; int8 activations need finite inputs");
-      auto xq = at::empty({M, K}, x2.options().dtype(at::kChar));
-      auto dx = at::zeros({M * L + 16}, x2.options());  // the kernels may read 16 past the end
-      int8_t* qp = xq.data_ptr<int8_t>();
-      float* dp = dx.data_ptr<float>();
-      cpu::quantize_act_i8_rows(xp, K, group_size, qp, dp, 0, M);
-      const int64_t Kp = k.prepared_len_i8(K, static_cast<int>(bits));
-      auto xqp = at::empty({M, Kp}, xq.options());
-      int8_t* pp = xqp.data_ptr<int8_t>();
-      for (int64_t m = 0; m < M; ++m) k.prepare_i8(qp + m * K, K, static_cast<int>(bits), pp + m * Kp);
-      at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-        k.forward_rows_i8(w, pp, dp, M, sp, bp, up, Bp, rank, yp, n0, n1);
-      });
-    } else if (M <= cpu::kGemvMaxM && k.gemv_rows) {
-      // Decode-sized M: the hand-written kernel, x in its own order.
-      const int64_t Kp = k.prepared_len_f32(K, static_cast<int>(bits));
-      auto xprep = at::empty({M, Kp}, x2.options());
-      float* pp = xprep.data_ptr<float>();
-      for (int64_t m = 0; m < M; ++m) k.prepare_f32(xp + m * K, K, static_cast<int>(bits), pp + m * Kp);
-      at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-        k.gemv_rows(w, pp, M, sp, bp, up, Bp, rank, yp, n0, n1);
-      });
-    } else {
-      // Tasks get whole blocks of 16 rows (a multiple of every ISA's row lanes),
-      // so only the last rows of the matrix take the one-row tail path.
-      constexpr int64_t kRowBlock = 16;
-      at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
-        k.forward_rows(w, xp, M, sp, bp, up, Bp, rank, yp, b0 * kRowBlock, std::min(N, b1 * kRowBlock));
-      });
-    }
+  auto y = at::empty({M, N}, x2.options());
+  if (M >= kSmallMThreshold) {
+    qlinear_dequant_gemm(k, w, x2, b, u, B, y);
   } else {
-    // Large M: the GEMM's arithmetic dominates. One parallel region: each
-    // task dequantizes its own blocks of rows into a small float buffer and
-    // runs a single-threaded GEMM on it (BLAS inside a parallel region runs
-    // serially). One fork/join per call instead of two per block keeps this
-    // path steady on a busy machine.
-    y = at::empty({M, N}, x2.options());
-    const int64_t rows = dequant_block_rows(K);
-    const int64_t nblocks = (N + rows - 1) / rows;
-    // OpenMP workers do not inherit the caller's thread-local state: without
-    // it, the ATen calls below would run outside the caller's inference mode
-    // (and refuse to write into y, an inference tensor there) and above the
-    // autograd guard.
-    const at::ThreadLocalState caller_state;
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      at::ThreadLocalStateGuard same_state(caller_state);
-      auto wbuf = at::empty({std::min(rows, N), K}, x2.options());
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t n0 = blk * rows, n1 = std::min(N, n0 + rows);
-        auto wb = wbuf.narrow(0, 0, n1 - n0);
-        k.dequantize_rows(w, wb.data_ptr<float>(), n0, n1);
-        auto yb = y.narrow(1, n0, n1 - n0);
-        if (bias) {
-          at::addmm_out(yb, b.narrow(0, n0, n1 - n0), x2, wb.t());
-        } else {
-          at::mm_out(yb, x2, wb.t());
-        }
-      }
-    });
-    if (adapter) y.addmm_(u, B.t());
+    const SmallMArgs args{x2.data_ptr<float>(),
+                          group_sums.data_ptr<float>(),
+                          bias ? b.data_ptr<float>() : nullptr,
+                          adapter ? u.data_ptr<float>() : nullptr,
+                          adapter ? B.data_ptr<float>() : nullptr,
+                          adapter ? u.size(1) : 0,
+                          y.data_ptr<float>()};
+    if (int8_activations) {
+      qlinear_rows_int8(k, w, x2, args);
+    } else if (M <= cpu::kGemvMaxM && k.gemv_rows) {
+      qlinear_gemv(k, w, x2, args);
+    } else {
+      qlinear_rows(k, w, M, args);
+    }
   }
   return y.reshape(out_shape).to(x.scalar_type());
 }

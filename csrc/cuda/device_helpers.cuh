@@ -45,11 +45,11 @@ inline unsigned grid_for(int64_t threads, int block) { return static_cast<unsign
 // Calls fn(T{}) with T the device type of `t` (the launchers' one run-time to
 // compile-time dtype dispatch); cudaErrorInvalidValue for an unknown value.
 template <typename Fn>
-cudaError_t by_type(ActType t, Fn&& fn) {
+cudaError_t by_type(FloatType t, Fn&& fn) {
   switch (t) {
-    case ActType::kFloat32: return fn(float{});
-    case ActType::kFloat16: return fn(__half{});
-    case ActType::kBFloat16: return fn(__nv_bfloat16{});
+    case FloatType::kFloat32: return fn(float{});
+    case FloatType::kFloat16: return fn(__half{});
+    case FloatType::kBFloat16: return fn(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }

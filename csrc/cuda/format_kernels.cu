@@ -13,7 +13,7 @@ namespace {
 // ---- dequantize, pack, unpack, quantize -------------------------------------
 
 template <int BITS, typename T>
-__global__ void dequantize_kernel(DeviceWeight w, T* __restrict__ out) {
+__global__ void dequantize_kernel(PackedView w, T* __restrict__ out) {
   const int64_t chunks = w.K / kChunk;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= w.N * chunks) return;
@@ -49,7 +49,7 @@ __global__ void pack_kernel(const uint8_t* __restrict__ codes, int64_t N, int64_
 
 // The CPU's quantize_rtn_rows, one thread per (row, group).
 __global__ void quantize_rtn_kernel(const float* __restrict__ w, int64_t N, int64_t K, int bits, int group_size,
-                                    void* scale, StoreType scale_type, void* zero, StoreType zero_type,
+                                    void* scale, FloatType scale_type, void* zero, FloatType zero_type,
                                     uint32_t* __restrict__ packed, int64_t stride_words) {
   const int64_t L = K / group_size;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -82,7 +82,7 @@ __global__ void quantize_rtn_kernel(const float* __restrict__ w, int64_t N, int6
 
 }  // namespace
 
-cudaError_t launch_dequantize(const DeviceWeight& w, void* out, ActType out_type, cudaStream_t s) {
+cudaError_t launch_dequantize(const PackedView& w, void* out, FloatType out_type, cudaStream_t s) {
   return by_bits(w.bits, [&](auto bits_tag) {
     constexpr int BITS = decltype(bits_tag)::value;
     return by_type(out_type, [&](auto tag) {
@@ -109,7 +109,7 @@ cudaError_t launch_pack(const uint8_t* codes, int64_t N, int64_t K, int bits, ui
 }
 
 cudaError_t launch_quantize_rtn(const float* w, int64_t N, int64_t K, int bits, int group_size, void* scale,
-                                StoreType scale_type, void* zero, StoreType zero_type, uint32_t* packed,
+                                FloatType scale_type, void* zero, FloatType zero_type, uint32_t* packed,
                                 int64_t stride_words, cudaStream_t s) {
   quantize_rtn_kernel<<<grid_for(N * (K / group_size), 128), 128, 0, s>>>(w, N, K, bits, group_size, scale,
                                                                           scale_type, zero, zero_type, packed,

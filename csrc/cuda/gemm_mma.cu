@@ -3,15 +3,15 @@
 //
 // What it computes is the GEMV's formula (SPEC: W~ = scale * q + zero):
 //
-//   y[m, n] = sum_g ( scale[n, g] * (q . x)_g[m, n] + zero[n, g] * xsum[m, g] )
+//   y[m, n] = sum_g ( scale[n, g] * (q . x)_g[m, n] + zero[n, g] * group_sums[m, g] )
 //             + bias[n] + sum_r u[m, r] B[n, r]
 //
 // The codes enter the MMA as exact small integers (0..15 are exact in both
 // float16 and bfloat16), so a group's product q . x is accumulated unscaled in
 // float32 and folded into the total once at the group's end with its scale
 // and zero: one scale and one zero per group, no rounding of s * q + z to 16
-// bits. xsum comes from the chunk sums the binding computes anyway for the
-// pooled adapter.
+// bits. group_sums[m, g] is the sum of the group's chunk sums (computed by
+// the binding, which needs them for the adapter's input too).
 //
 // Tiling. A block owns 64 rows of x (M) by 64 output channels (N) and walks K
 // in stages of 4 chunks (128 codes). Its 4 warps sit side by side along N,
@@ -68,7 +68,7 @@ using sm80::Mma;
 
 template <int BITS, typename T>
 __global__ void __launch_bounds__(kThreads, 3)
-    mma_gemm_kernel(DeviceWeight w, const T* __restrict__ x, int64_t M, const float* __restrict__ chunk_sums,
+    mma_gemm_kernel(PackedView w, const T* __restrict__ x, int64_t M, const float* __restrict__ chunk_sums,
                     const float* __restrict__ bias, const float* __restrict__ u, const float* __restrict__ B,
                     int64_t rank, T* __restrict__ y, float* __restrict__ partial, int64_t groups_per_split) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = tot[mt][nt][i] = 0.f;
 
-  // Fold group g: tot += scale * acc + zero * xsum; acc = 0.
+  // Fold group g: tot += scale * acc + zero * group_sums; acc = 0.
   auto fold = [&](int64_t g) {
     float s[2][2], z[2][2];
 #pragma unroll
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 
 }  // namespace
 
-int mma_splits(const DeviceWeight& w, int64_t M, int sms) {
+int mma_splits(const PackedView& w, int64_t M, int sms) {
   const int64_t L = w.K / w.group_size, chunks = w.K / kChunk;
   const int64_t blocks = ((w.N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
   int64_t splits = 1;
@@ -246,17 +246,17 @@ int mma_splits(const DeviceWeight& w, int64_t M, int sms) {
   return static_cast<int>((L + per - 1) / per);
 }
 
-cudaError_t launch_mma_gemm(const DeviceWeight& w, const void* x, ActType xt, int64_t M, const float* chunk_sums,
+cudaError_t launch_mma_gemm(const PackedView& w, const void* x, FloatType xt, int64_t M, const float* chunk_sums,
                             const float* bias, const float* u, const float* B, int64_t rank, void* y, int splits,
                             float* workspace, cudaStream_t s) {
-  if (M < 1 || splits < 1 || (splits > 1 && !workspace) || xt == ActType::kFloat32) return cudaErrorInvalidValue;
+  if (M < 1 || splits < 1 || (splits > 1 && !workspace) || xt == FloatType::kFloat32) return cudaErrorInvalidValue;
   const int64_t L = w.K / w.group_size;
   const int64_t per = (L + splits - 1) / splits;
   const dim3 grid(static_cast<unsigned>((w.N + kBN - 1) / kBN), static_cast<unsigned>((M + kBM - 1) / kBM),
                   static_cast<unsigned>(splits));
   cudaError_t err = by_bits(w.bits, [&](auto bits_tag) -> cudaError_t {
     constexpr int BITS = decltype(bits_tag)::value;
-    if (xt == ActType::kFloat16)
+    if (xt == FloatType::kFloat16)
       mma_gemm_kernel<BITS, __half><<<grid, kThreads, 0, s>>>(
           w, static_cast<const __half*>(x), M, chunk_sums, bias, u, B, rank, static_cast<__half*>(y),
           splits > 1 ? workspace : nullptr, per);

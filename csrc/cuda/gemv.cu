@@ -42,7 +42,7 @@ constexpr int kGemvWarps = 4;  // rows per block: one warp per output row
 
 template <int BITS, typename T>
 __global__ void __launch_bounds__(kGemvWarps * kWarp)
-    gemv_kernel(DeviceWeight w, const T* __restrict__ x, int M, const float* __restrict__ chunk_sums,
+    gemv_kernel(PackedView w, const T* __restrict__ x, int M, const float* __restrict__ chunk_sums,
                 const float* __restrict__ bias, const float* __restrict__ u, const float* __restrict__ B,
                 int64_t rank, T* __restrict__ y, float* __restrict__ partial, int64_t units_per_split) {
   using U = Unit<BITS>;
@@ -125,7 +125,7 @@ __global__ void split_reduce_kernel(const float* __restrict__ partial, int split
 
 }  // namespace
 
-int gemv_splits(const DeviceWeight& w, int sms) {
+int gemv_splits(const PackedView& w, int sms) {
   const int64_t chunks = w.K / kChunk;
   const int per_unit = w.bits == 3 ? 4 : 4 / w.bits;
   const int64_t units = (chunks + per_unit - 1) / per_unit;
@@ -137,7 +137,7 @@ int gemv_splits(const DeviceWeight& w, int sms) {
   return splits;
 }
 
-cudaError_t launch_gemv(const DeviceWeight& w, const void* x, ActType xt, int64_t M, const float* chunk_sums,
+cudaError_t launch_gemv(const PackedView& w, const void* x, FloatType xt, int64_t M, const float* chunk_sums,
                         const float* bias, const float* u, const float* B, int64_t rank, void* y, int splits,
                         float* workspace, cudaStream_t s) {
   if (M < 1 || M > kGemvMaxM || splits < 1 || (splits > 1 && !workspace)) return cudaErrorInvalidValue;
@@ -160,7 +160,7 @@ cudaError_t launch_gemv(const DeviceWeight& w, const void* x, ActType xt, int64_
 }
 
 cudaError_t launch_split_reduce(const float* partial, int splits, int64_t M, int64_t N, const float* bias,
-                                const float* u, const float* B, int64_t rank, void* y, ActType yt, cudaStream_t s) {
+                                const float* u, const float* B, int64_t rank, void* y, FloatType yt, cudaStream_t s) {
   return by_type(yt, [&](auto tag) {
     using T = decltype(tag);
     split_reduce_kernel<T><<<grid_for(M * N, 256), 256, 0, s>>>(partial, splits, M, N, bias, u, B, rank,

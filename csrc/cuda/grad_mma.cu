@@ -64,7 +64,7 @@ using sm80::Mma;
 
 template <int BITS, typename T>
 __global__ void __launch_bounds__(kThreads)
-    grad_mma_kernel(DeviceWeight w, const T* __restrict__ gy, int64_t M, const float* __restrict__ group_add,
+    grad_mma_kernel(PackedView w, const T* __restrict__ gy, int64_t M, const float* __restrict__ group_add,
                     T* __restrict__ gx) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int CW = kCodeWords<BITS>;
@@ -196,13 +196,13 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-cudaError_t launch_grad_mma(const DeviceWeight& w, const void* grad_out, ActType t, int64_t M,
+cudaError_t launch_grad_mma(const PackedView& w, const void* grad_out, FloatType t, int64_t M,
                             const float* group_add, void* grad_x, cudaStream_t s) {
-  if (M < 1 || w.N < 1 || t == ActType::kFloat32 || w.N % 8 != 0) return cudaErrorInvalidValue;
+  if (M < 1 || w.N < 1 || t == FloatType::kFloat32 || w.N % 8 != 0) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>((w.K + kBK - 1) / kBK), static_cast<unsigned>((M + kBM - 1) / kBM));
   auto go = [&](auto bits_tag) -> cudaError_t {
     constexpr int BITS = decltype(bits_tag)::value;
-    if (t == ActType::kFloat16)
+    if (t == FloatType::kFloat16)
       grad_mma_kernel<BITS, __half><<<grid, kThreads, 0, s>>>(w, static_cast<const __half*>(grad_out), M, group_add,
                                                               static_cast<__half*>(grad_x));
     else

@@ -79,39 +79,14 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "qalora CUDA kernel ", what, " failed: ", cudaGetErrorString(err));
 }
 
-cuda::ActType act_type_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return cuda::ActType::kFloat16;
-    case at::kBFloat16: return cuda::ActType::kBFloat16;
-    default: return cuda::ActType::kFloat32;
-  }
-}
-
-// The packed weight made contiguous, and its raw view (the tensors keep the
-// memory alive while the view is used).
-struct Weight {
-  at::Tensor packed, scale, zero;
-  cuda::DeviceWeight view;
-};
-
-Weight weight_of(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
-                 int64_t group_size) {
-  // The kernels read codes 16 bytes at a time: a view whose base is not on a
-  // 16-byte boundary (an odd storage offset) is copied first.
+// The packed weight made contiguous, and its raw view. The kernels read codes
+// 16 bytes at a time: a view whose base is not on a 16-byte boundary (an odd
+// storage offset) is copied first.
+ContiguousWeight weight_of(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                           int64_t group_size) {
   auto p = packed.contiguous();
   if (reinterpret_cast<uintptr_t>(p.data_ptr()) % 16 != 0) p = p.clone();
-  Weight w{p, scale.contiguous(), zero.contiguous(), {}};
-  w.view.packed = reinterpret_cast<const uint32_t*>(w.packed.data_ptr<int32_t>());
-  w.view.stride_words = w.packed.size(1);
-  w.view.scale = w.scale.data_ptr();
-  w.view.scale_type = store_type_of(w.scale, "scale");
-  w.view.zero = w.zero.data_ptr();
-  w.view.zero_type = store_type_of(w.zero, "zero");
-  w.view.N = w.packed.size(0);
-  w.view.K = w.scale.size(1) * group_size;
-  w.view.bits = static_cast<int>(bits);
-  w.view.group_size = static_cast<int>(group_size);
-  return w;
+  return contiguous_weight(p, scale, zero, bits, group_size);
 }
 
 // Contiguous and 16-byte aligned (the GEMV reads activations 16 bytes at a time).
@@ -155,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn_cuda(const at::Tenso
   const NvtxRange range(range_name("quantize_rtn", bits, group_size, 0, N, K, "rtn"));
   check_launch(cuda::launch_quantize_rtn(w.data_ptr<float>(), N, K, static_cast<int>(bits),
                                          static_cast<int>(group_size), scale.data_ptr(),
-                                         store_type_of(scale, "scale_dtype"), zero.data_ptr(),
-                                         store_type_of(zero, "zero_dtype"),
+                                         float_type_of(scale, "scale_dtype"), zero.data_ptr(),
+                                         float_type_of(zero, "zero_dtype"),
                                          reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()), packed.size(1),
                                          at::cuda::getCurrentCUDAStream()),
                "quantize_rtn");
@@ -179,11 +154,7 @@ at::Tensor pack_cuda(const at::Tensor& codes, int64_t bits) {
 }
 
 at::Tensor unpack_cuda(const at::Tensor& packed, int64_t bits, int64_t in_features, int64_t layout) {
-  check_layout(layout);
-  check_bits(bits);
-  TORCH_CHECK_VALUE(in_features > 0 && in_features % kChunk == 0,
-                    "in_features must be a positive multiple of 32; got ", in_features);
-  check_packed(packed, bits, in_features);
+  check_unpack_args(packed, bits, in_features, layout);
   const c10::cuda::CUDAGuard guard(packed.device());
   auto p = packed.contiguous();
   auto codes = at::empty({p.size(0), in_features}, p.options().dtype(at::kByte));
@@ -196,10 +167,11 @@ at::Tensor unpack_cuda(const at::Tensor& packed, int64_t bits, int64_t in_featur
 }
 
 // W~ (N, K) in `dtype`.
-at::Tensor dequantize_to(const Weight& w, at::ScalarType dtype, const at::TensorOptions& opts) {
+at::Tensor dequantize_to(const ContiguousWeight& w, at::ScalarType dtype, const at::TensorOptions& opts) {
   auto out = at::empty({w.view.N, w.view.K}, opts.dtype(dtype));
   if (w.view.N == 0) return out;
-  check_launch(cuda::launch_dequantize(w.view, out.data_ptr(), act_type_of(out), at::cuda::getCurrentCUDAStream()),
+  check_launch(cuda::launch_dequantize(w.view, out.data_ptr(), float_type_of(out, "out"),
+                                       at::cuda::getCurrentCUDAStream()),
                "dequantize");
   return out;
 }
@@ -208,7 +180,7 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& scale, co
                            int64_t group_size, int64_t layout) {
   check_quant_weight(packed, scale, zero, bits, group_size, layout);
   const c10::cuda::CUDAGuard guard(packed.device());
-  const Weight w = weight_of(packed, scale, zero, bits, group_size);
+  const ContiguousWeight w = weight_of(packed, scale, zero, bits, group_size);
   const NvtxRange range(range_name("dequantize", bits, group_size, 0, w.view.N, w.view.K, "dequant"));
   return dequantize_to(w, at::kFloat, packed.options());
 }
@@ -229,12 +201,13 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
   out_shape.back() = N;
   const int64_t M = leading_rows(x);
   if (M == 0 || N == 0) return at::zeros(out_shape, x.options());
-  const Weight w = weight_of(packed, scale, zero, bits, group_size);
+  const ContiguousWeight w = weight_of(packed, scale, zero, bits, group_size);
   auto x2 = aligned_contiguous(x.reshape({M, K}));
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = x.options().dtype(at::kFloat);
 
-  // Chunk sums of x (the GEMV's zeros' term and the pooled adapter input)
+  // Chunk sums of x (the zeros' term of the GEMV and the MMA kernel, and the
+  // group sums the adapter's input is made of)
   // and the adapter's u = scaling/G * (mask * group sums) A^T, (M, r).
   const Path path = qlinear_path(M, x2.scalar_type());
   const NvtxRange range(range_name("qlinear", bits, group_size, M, N, K, path_name(path)));
@@ -242,7 +215,7 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
   if (path != Path::kDequantCublas || adapter) {
     chunk_sums = at::empty({M, K / kChunk}, f32);
     check_launch(
-        cuda::launch_chunk_sums(x2.data_ptr(), act_type_of(x2), M, K, chunk_sums.data_ptr<float>(), stream),
+        cuda::launch_chunk_sums(x2.data_ptr(), float_type_of(x2, "x"), M, K, chunk_sums.data_ptr<float>(), stream),
         "chunk_sums");
   }
   at::Tensor u, B, A, mask, b;
@@ -266,7 +239,7 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
     at::Tensor workspace;
     if (splits > 1) workspace = at::empty({splits, M, N}, f32);
     const auto launch = gemv ? cuda::launch_gemv : cuda::launch_mma_gemm;
-    check_launch(launch(w.view, x2.data_ptr(), act_type_of(x2), M, chunk_sums.data_ptr<float>(),
+    check_launch(launch(w.view, x2.data_ptr(), float_type_of(x2, "x"), M, chunk_sums.data_ptr<float>(),
                         bias ? b.data_ptr<float>() : nullptr, adapter ? u.data_ptr<float>() : nullptr,
                         adapter ? B.data_ptr<float>() : nullptr, adapter ? u.size(1) : 0, y.data_ptr(), splits,
                         splits > 1 ? workspace.data_ptr<float>() : nullptr, stream),
@@ -307,7 +280,7 @@ at::Tensor qlinear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor&
   out_shape.back() = K;
   const int64_t M = leading_rows(grad_out);
   if (M == 0 || N == 0) return at::zeros(out_shape, grad_out.options());  // N == 0: an empty sum
-  const Weight w = weight_of(packed, scale, zero, bits, group_size);
+  const ContiguousWeight w = weight_of(packed, scale, zero, bits, group_size);
   auto gy = aligned_contiguous(grad_out.reshape({M, N}));
   const bool mma = M <= cuda_path_limits()[2] && gy.scalar_type() != at::kFloat && N % 8 == 0 &&
                    has_mma_m16n8k16();
@@ -318,7 +291,7 @@ at::Tensor qlinear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor&
   at::Tensor gx;
   if (mma) {
     gx = at::empty({M, K}, gy.options());
-    check_launch(cuda::launch_grad_mma(w.view, gy.data_ptr(), act_type_of(gy), M,
+    check_launch(cuda::launch_grad_mma(w.view, gy.data_ptr(), float_type_of(gy, "grad_out"), M,
                                        adapter ? group_add.data_ptr<float>() : nullptr, gx.data_ptr(),
                                        at::cuda::getCurrentCUDAStream()),
                  "grad_mma");

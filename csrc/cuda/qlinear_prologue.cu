@@ -45,7 +45,7 @@ __global__ void adapter_input_kernel(const float* __restrict__ chunk_sums, const
 
 }  // namespace
 
-cudaError_t launch_chunk_sums(const void* x, ActType xt, int64_t M, int64_t K, float* chunk_sums, cudaStream_t s) {
+cudaError_t launch_chunk_sums(const void* x, FloatType xt, int64_t M, int64_t K, float* chunk_sums, cudaStream_t s) {
   return by_type(xt, [&](auto tag) {
     using T = decltype(tag);
     const int64_t n = M * (K / kChunk);

@@ -188,21 +188,22 @@ QALORA_HD uint16_t float_to_bf16_bits(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// Storage dtypes for scales and zeros (kernels see raw bits).
-enum class StoreType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// The float formats kernels read and write as raw bits: scales and zeros in
+// their storage dtypes, and (CUDA) activations and outputs.
+enum class FloatType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-QALORA_HD float load_store(const void* base, int64_t i, StoreType t) {
+QALORA_HD float load_store(const void* base, int64_t i, FloatType t) {
   switch (t) {
-    case StoreType::kFloat16: return half_bits_to_float(static_cast<const uint16_t*>(base)[i]);
-    case StoreType::kBFloat16: return bf16_bits_to_float(static_cast<const uint16_t*>(base)[i]);
+    case FloatType::kFloat16: return half_bits_to_float(static_cast<const uint16_t*>(base)[i]);
+    case FloatType::kBFloat16: return bf16_bits_to_float(static_cast<const uint16_t*>(base)[i]);
     default: return static_cast<const float*>(base)[i];
   }
 }
 
-QALORA_HD void write_store(void* base, int64_t i, StoreType t, float v) {
+QALORA_HD void write_store(void* base, int64_t i, FloatType t, float v) {
   switch (t) {
-    case StoreType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_half_bits(v); break;
-    case StoreType::kBFloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(v); break;
+    case FloatType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_half_bits(v); break;
+    case FloatType::kBFloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(v); break;
     default: static_cast<float*>(base)[i] = v; break;
   }
 }
@@ -213,9 +214,9 @@ struct PackedView {
   const uint32_t* packed;  // (N, stride_words)
   int64_t stride_words;
   const void* scale;  // (N, L) in scale_type
-  StoreType scale_type;
+  FloatType scale_type;
   const void* zero;  // (N, L) in zero_type
-  StoreType zero_type;
+  FloatType zero_type;
   int64_t N, K;
   int bits;
   int group_size;
@@ -226,10 +227,10 @@ struct PackedView {
 };
 
 // Value after a round trip through the storage dtype.
-QALORA_HD float round_to_store(float v, StoreType t) {
+QALORA_HD float round_to_store(float v, FloatType t) {
   switch (t) {
-    case StoreType::kFloat16: return half_bits_to_float(float_to_half_bits(v));
-    case StoreType::kBFloat16: return bf16_bits_to_float(float_to_bf16_bits(v));
+    case FloatType::kFloat16: return half_bits_to_float(float_to_half_bits(v));
+    case FloatType::kBFloat16: return bf16_bits_to_float(float_to_bf16_bits(v));
     default: return v;
   }
 }
