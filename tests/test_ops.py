@@ -217,28 +217,111 @@ def test_gradcheck_through_the_op():
 # ---- torch integration ------------------------------------------------------
 
 
-def _sample_inputs():
-    packed, scale, zero, _ = quantized(64, 128, 3, 32)
-    A, B = _adapter(64, 4)
-    x = torch.randn(3, 128)
-    mask = (torch.rand(3, 4) > 0.5).float() * 2
-    w = torch.randn(64, 128)
-    codes = torch.randint(0, 8, (64, 128), dtype=torch.uint8)
-    return {
-        "quantize_rtn": (w, 3, 32, torch.float16, torch.float32),
-        "pack": (codes, 3),
-        "unpack": (packed, 3, 128, 1),
-        "dequantize": (packed, scale, zero, 3, 32, 1),
-        "qlinear": (x.clone().requires_grad_(), packed, scale, zero, torch.randn(64), A.clone().requires_grad_(),
-                    B.clone().requires_grad_(), mask, 0.5, 3, 32, 1),
-        "qlinear_grad_input": (torch.randn(3, 64), packed, scale, zero, A, B, mask, 0.5, 3, 32, 1),
-    }
+def _codes(n, k, bits):
+    """Random codes, every value of the range likely (never an all-zero tensor)."""
+    return torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("name", ["quantize_rtn", "pack", "unpack", "dequantize", "qlinear", "qlinear_grad_input"])
-def test_opcheck(name):
-    args = _sample_inputs()[name]
-    torch.library.opcheck(getattr(torch.ops.qalora, name).default, args)
+def _mask(lead, groups):
+    return (torch.rand(*lead, groups) > 0.3).float() / 0.7
+
+
+def _qlinear_sample(lead, n, k, bits, group_size, *, bias, adapter, mask, dtype=torch.float32, grad=False,
+                    store=(torch.float16, torch.float32)):
+    """qlinear's / qlinear_int8's arguments: fresh random x, weight, bias and
+    adapter (lora_B nonzero, so the adapter's term is exercised)."""
+    packed, scale, zero, _ = quantized(n, k, bits, group_size, *store)
+    groups = k // group_size
+    A, B = _adapter(n, groups, rank=3) if adapter else (None, None)
+    x = torch.randn(*lead, k, dtype=dtype)
+    if grad:
+        x.requires_grad_()
+        if adapter:
+            A, B = A.requires_grad_(), B.requires_grad_()
+    return (x, packed, scale, zero, torch.randn(n) if bias else None, A, B,
+            _mask(lead, groups) if mask else None, 0.75, bits, group_size, 1)
+
+
+def _grad_input_sample(lead, n, k, bits, group_size, *, adapter, mask):
+    packed, scale, zero, _ = quantized(n, k, bits, group_size)
+    groups = k // group_size
+    A, B = _adapter(n, groups, rank=3) if adapter else (None, None)
+    return (torch.randn(*lead, n), packed, scale, zero, A, B, _mask(lead, groups) if mask else None, 1.5, bits,
+            group_size, 1)
+
+
+def _dequantize_sample(n, k, bits, group_size, store):
+    packed, scale, zero, _ = quantized(n, k, bits, group_size, *store)
+    return (packed, scale, zero, bits, group_size, 1)
+
+
+def _unpack_sample(n, k, bits):
+    return (ops.pack(_codes(n, k, bits), bits), bits, k, 1)
+
+
+# Several samples per CPU op: odd shapes, leading dims, every bit width, each
+# M path of qlinear (GEMV, small-M rows, dequantize + GEMM), with and without
+# bias / adapter / pool_mask. Built when the test runs: fresh random data.
+OPCHECK_SAMPLES = {
+    "quantize_rtn": [
+        lambda: (torch.randn(37, 96), 3, 32, torch.float16, torch.float32),
+        lambda: (torch.randn(5, 128) * 4, 2, 64, torch.bfloat16, torch.bfloat16),
+        lambda: (torch.randn(3, 256, dtype=torch.bfloat16), 4, 128, torch.float32, torch.float16),
+    ],
+    "pack": [
+        lambda: (_codes(37, 96, 3), 3),
+        lambda: (_codes(1, 32, 2), 2),
+        lambda: (_codes(6, 160, 4), 4),
+    ],
+    "unpack": [
+        lambda: _unpack_sample(37, 96, 3),
+        lambda: _unpack_sample(1, 32, 2),
+        lambda: _unpack_sample(6, 160, 4),
+    ],
+    "dequantize": [
+        lambda: _dequantize_sample(37, 96, 3, 32, (torch.float16, torch.float32)),
+        lambda: _dequantize_sample(5, 128, 2, 64, (torch.bfloat16, torch.bfloat16)),
+        lambda: _dequantize_sample(3, 256, 4, 128, (torch.float32, torch.float16)),
+    ],
+    "qlinear": [
+        lambda: _qlinear_sample((3,), 37, 96, 3, 32, bias=True, adapter=True, mask=True, grad=True),
+        lambda: _qlinear_sample((2, 5), 24, 128, 2, 64, bias=False, adapter=True, mask=False, grad=True),
+        lambda: _qlinear_sample((1,), 19, 256, 4, 128, bias=True, adapter=False, mask=False),
+        lambda: _qlinear_sample((T + 3,), 21, 64, 4, 32, bias=True, adapter=True, mask=True, grad=True),
+        lambda: _qlinear_sample((2, 3), 16, 64, 3, 32, bias=True, adapter=True, mask=True, dtype=torch.bfloat16,
+                                store=(torch.bfloat16, torch.float32)),
+    ],
+    # qlinear_int8 has no autograd formula: inputs that do not require grad.
+    "qlinear_int8": [
+        lambda: _qlinear_sample((3,), 37, 96, 3, 32, bias=True, adapter=True, mask=True),
+        lambda: _qlinear_sample((2, 5), 24, 128, 2, 64, bias=False, adapter=False, mask=False),
+        lambda: _qlinear_sample((1,), 19, 256, 4, 128, bias=False, adapter=True, mask=False),
+        lambda: _qlinear_sample((T + 1,), 21, 64, 4, 32, bias=True, adapter=True, mask=False),
+    ],
+    "qlinear_grad_input": [
+        lambda: _grad_input_sample((3,), 37, 96, 3, 32, adapter=True, mask=True),
+        lambda: _grad_input_sample((2, 7), 24, 128, 2, 64, adapter=False, mask=False),
+        lambda: _grad_input_sample((1,), 19, 256, 4, 128, adapter=True, mask=False),
+        lambda: _grad_input_sample((TG + 2,), 21, 64, 4, 32, adapter=True, mask=True),
+    ],
+}
+# opcheck's default checks, named: test_autograd_registration runs only where
+# an input requires grad (opcheck skips it otherwise: qlinear_int8, the format
+# ops, qlinear_grad_input); the others apply to every sample.
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("name, i", [(name, i) for name, samples in OPCHECK_SAMPLES.items()
+                                     for i in range(len(samples))], ids=lambda v: str(v))
+def test_opcheck(name, i):
+    args = OPCHECK_SAMPLES[name][i]()
+    torch.library.opcheck(getattr(torch.ops.qalora, name).default, args, test_utils=OPCHECK_UTILS)
+
+
+def test_opcheck_covers_every_op():
+    registered = {n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("qalora::")}
+    assert registered == set(OPCHECK_SAMPLES), registered ^ set(OPCHECK_SAMPLES)
 
 
 def test_meta_tensors_give_shapes():
