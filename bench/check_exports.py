@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     import qalora_ext
-    from qalora_ext.hf import load_tokenizer
+    from qalora_ext.loading import load_tokenizer
     from qalora_ext.model import set_module
     from qalora_ext.nn import QALoRALinear
 

@@ -31,8 +31,11 @@ import torch
 from torch import nn
 
 import qalora_ext
-from qalora_ext import data, hf, pipeline, train
-from qalora_ext.gptq import quantize_model_gptq
+from qalora_ext import loading as hf
+from qalora_ext.quantize.calibration import calibration_batches
+from qalora_ext.training import data
+from qalora_ext.training import finetune as train
+from qalora_ext.quantize.gptq import quantize_model_gptq
 from qalora_ext.model import add_adapters, merge_adapters, set_module
 from qalora_ext.nn import QuantLinear
 
@@ -109,7 +112,7 @@ def main() -> int:
     source, tokenizer, _ = hf.load_model(folder)
     train_text, heldout_text = data.default_corpus_split()
     windows = data.heldout_windows(tokenizer, heldout_text, num_windows=args.windows, window=args.window)
-    calibration = pipeline.calibration_batches(tokenizer, train_text, args.calib_samples, args.calib_seq_len,
+    calibration = calibration_batches(tokenizer, train_text, args.calib_samples, args.calib_seq_len,
                                                seed=args.seed)
     dataset = data.load_training_data(None, tokenizer, args.seq_len)
 

@@ -7,7 +7,7 @@
 # pytest are not installed here: scripts/run_tests.sh adds them.
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" main
 step_start "default model (converted once into the cache)"
-"$PY" -c "from qalora_ext import hf; print('[setup] default model folder:', hf.default_model_folder())"
+"$PY" -c "from qalora_ext.loading import default_model_folder; print('[setup] default model folder:', default_model_folder())"
 step_end "default model"
 setup_done
 cd "$ROOT"

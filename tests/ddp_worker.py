@@ -32,7 +32,7 @@ def build_model(seed):
 
 
 def build_dataset():
-    from qalora_ext.data import TokenDataset
+    from qalora_ext.training.data import TokenDataset
 
     g = torch.Generator().manual_seed(7)
     return TokenDataset({"input_ids": torch.randint(0, 256, (10, 16), generator=g)})
@@ -43,7 +43,7 @@ def adapters(model):
 
 
 def main(out_dir):
-    from qalora_ext.train import finetune
+    from qalora_ext.training.finetune import finetune
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])

@@ -19,6 +19,7 @@ from torch import nn
 
 import qalora_ext as qe
 from qalora_ext import checkpoint as ckpt
+from qalora_ext.checkpoint import files as ckpt_files
 from qalora_ext.checkpoint import CheckpointError
 
 
@@ -261,7 +262,7 @@ def test_load_into_other_architecture_fails_clearly(tmp_path):
 
 
 def _failing_save_file(monkeypatch, exc, after=1):
-    real = ckpt.save_file
+    real = ckpt_files.save_file
     calls = {"n": 0}
 
     def save_file(*args, **kwargs):
@@ -270,7 +271,7 @@ def _failing_save_file(monkeypatch, exc, after=1):
             raise exc("injected failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_file", save_file)
+    monkeypatch.setattr(ckpt_files, "save_file", save_file)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])

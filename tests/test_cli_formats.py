@@ -102,8 +102,8 @@ def test_options_of_another_format_and_overwriting_the_source_are_refused(quanti
 def test_converters_refuse_to_write_over_their_source(tmp_path):
     from test_import_gptq import write_gptq_checkpoint
 
-    from qalora_ext.import_gptq import convert_gptq
-    from qalora_ext.import_peft import convert_peft_qalora
+    from qalora_ext.interop.gptq_import import convert_gptq
+    from qalora_ext.interop.peft_import import convert_peft_qalora
 
     src = tmp_path / "gptq"
     write_gptq_checkpoint(src, 4, 32, "gptq_v2", shards=2)
@@ -116,7 +116,7 @@ def test_converters_refuse_to_write_over_their_source(tmp_path):
 
 
 def test_gguf_refuses_values_beyond_float16_instead_of_clamping():
-    from qalora_ext.export_gguf import _scale16, zero_rounding_loss
+    from qalora_ext.interop.gguf_export import _scale16, zero_rounding_loss
 
     with pytest.raises(ValueError, match="float16"):
         zero_rounding_loss(torch.tensor([[1e6]]), None)
@@ -132,7 +132,7 @@ def test_gptq_import_keeps_a_tied_head_stored_as_a_copy(tmp_path):
     from safetensors.torch import load_file, save_file
     from test_import_gptq import write_gptq_checkpoint
 
-    from qalora_ext.import_gptq import import_gptq
+    from qalora_ext.interop.gptq_import import import_gptq
 
     src = tmp_path / "gptq"
     write_gptq_checkpoint(src, 4, 32, "gptq_v2", shards=1)

@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from qalora_ext import data
-from qalora_ext.data import (
+from qalora_ext.training import data
+from qalora_ext.training.data import (
     IGNORE_INDEX,
     corpus_sha256,
     default_corpus_split,

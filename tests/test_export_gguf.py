@@ -31,7 +31,7 @@ gguf = pytest.importorskip("gguf", reason="needs the `gguf` package (pip install
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_llm import make_tiny_llama, make_tokenizer  # noqa: E402
 
-import qalora_ext.export_gguf as export_mod  # noqa: E402
+import qalora_ext.interop.gguf_export as export_mod  # noqa: E402
 from qalora_ext import (  # noqa: E402
     QALoRALinear,
     QuantLinear,
@@ -42,7 +42,7 @@ from qalora_ext import (  # noqa: E402
     save_quantized,
 )
 from qalora_ext import reference  # noqa: E402
-from qalora_ext.export_gguf import export_gguf  # noqa: E402
+from qalora_ext.interop.gguf_export import export_gguf  # noqa: E402
 
 try:  # the real client: optional (llama-cpp-python is a C++ build, see needs_llama_cpp)
     import llama_cpp
@@ -288,7 +288,7 @@ def test_tokenizer_and_model_round_trip_through_transformers(tmp_path, tok):
 
 
 def test_detect_tokenizer_pre():
-    from qalora_ext.export_gguf import detect_tokenizer_pre
+    from qalora_ext.interop.gguf_export import detect_tokenizer_pre
 
     bl = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     assert detect_tokenizer_pre({"pre_tokenizer": bl}) == "gpt-2"
@@ -301,7 +301,7 @@ def test_detect_tokenizer_pre():
 
 
 def test_rope_permutation_matches_definition():
-    from qalora_ext.export_gguf import rope_permutation
+    from qalora_ext.interop.gguf_export import rope_permutation
 
     for rows, heads in ((64, 4), (192, 3), (576, 9)):
         np.testing.assert_array_equal(rope_permutation(rows, heads).numpy(), hf_row_of_gguf_row(rows, heads))
@@ -649,8 +649,8 @@ def test_smollm2_export_is_byte_identical_to_the_published_q4_1(tmp_path):
     """SmolLM2's published GGUF was written by llama.cpp's converter and quantizer. Our RTN of its weights
     gives back its codes, scales and zeros (test_real_checkpoint), so our export of that model must hold
     the same 210 Q4_1 tensors byte for byte: rope permutation, nibble order, d and m included."""
-    from qalora_ext.gguf_source import find_smollm2_gguf
-    from qalora_ext.hf import load_model
+    from qalora_ext.loading import find_smollm2_gguf
+    from qalora_ext.loading import load_model
 
     src = find_smollm2_gguf()
     if src is None:
@@ -694,8 +694,8 @@ def test_llama_cpp_logits_smollm2(tmp_path, monkeypatch):
     steps), with the same argmax at >= 90% of positions, and llama.cpp's
     logits must be closer to the adapted model than to the base model.
     """
-    from qalora_ext.gguf_source import find_smollm2_gguf
-    from qalora_ext.hf import load_model
+    from qalora_ext.loading import find_smollm2_gguf
+    from qalora_ext.loading import load_model
 
     src = find_smollm2_gguf()
     if src is None:

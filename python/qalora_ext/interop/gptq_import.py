@@ -62,10 +62,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import ops
-from .checkpoint import _read_json
-from .format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, packed_row_words
-from .nn import QuantLinear
+from .. import ops
+from ..checkpoint.files import read_json
+from ..format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, packed_row_words
+from ..nn import QuantLinear
 
 __all__ = [
     "GPTQ_CONVENTIONS",
@@ -372,10 +372,10 @@ def read_gptq_config(src: PathLike) -> dict:
     found: list[tuple[str, dict]] = []
     for fname in _QUANT_CONFIG_FILES:
         if (src / fname).is_file():
-            found.append((fname, _read_json(src / fname, "the quantize config")))
+            found.append((fname, read_json(src / fname, "the quantize config")))
             break
     if (src / "config.json").is_file():
-        qc = _read_json(src / "config.json", "the model config").get("quantization_config")
+        qc = read_json(src / "config.json", "the model config").get("quantization_config")
         if isinstance(qc, dict):
             found.append(("config.json quantization_config", qc))
     if not found:
@@ -445,7 +445,7 @@ class _Tensors:
         index = src / "model.safetensors.index.json"
         self.file_of: dict[str, Path] = {}
         if index.is_file():
-            weight_map = _read_json(index, "the shard index").get("weight_map")
+            weight_map = read_json(index, "the shard index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index}: no weight_map")
             for key, fname in weight_map.items():
@@ -480,12 +480,12 @@ class _Tensors:
 
 
 def _build_model(src: Path) -> nn.Module:
-    from .checkpoint import _build_transformers_model
+    from ..loading.transformers_model import build_transformers_model
 
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{src}: no config.json (the transformers model config is needed to build the model)")
-    return _build_transformers_model(_read_json(cfg_path, "the model config"), src)
+    return build_transformers_model(read_json(cfg_path, "the model config"), src)
 
 
 def import_gptq(
@@ -578,7 +578,7 @@ def import_gptq(
         warnings.warn(f"import_gptq: {sum(overflows.values())} {_v1_overflow_message(qcfg['bits'], v1_wrap_zeros)} "
                       f"({len(overflows)} layer(s), most in {worst})", stacklevel=2)
 
-    from .model import set_module
+    from ..model import set_module
 
     for name, layer in layers.items():
         set_module(model, name, layer)
@@ -698,7 +698,7 @@ def convert_gptq(
     """
     import shutil
 
-    from .checkpoint import save_quantized
+    from ..checkpoint import save_quantized
 
     src = Path(src)
     if Path(os.path.realpath(out_dir)) == Path(os.path.realpath(src)):

@@ -39,9 +39,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import _read_json
-from .model import freeze_all_but_adapters, set_module
-from .nn import QALoRALinear, QuantLinear
+from ..checkpoint.files import read_json
+from ..model import freeze_all_but_adapters, set_module
+from ..nn import QALoRALinear, QuantLinear
 
 __all__ = ["read_peft_qalora_config", "peft_to_ours_A", "import_peft_qalora", "convert_peft_qalora",
            "PEFT_POOLING_NOTE"]
@@ -72,7 +72,7 @@ def read_peft_qalora_config(adapter_dir: PathLike) -> dict:
     path = adapter_dir / _ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"{adapter_dir}: no {_ADAPTER_CONFIG}; not a PEFT adapter folder")
-    cfg = _read_json(path, "the adapter config")
+    cfg = read_json(path, "the adapter config")
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type == "QALORA_EXT":
         raise ValueError(f"{path}: already a qalora_ext adapter; load it with qalora_ext.load_adapter")
@@ -273,7 +273,7 @@ def convert_peft_qalora(adapter_dir: PathLike, quantized_model: PathLike, out_di
     """Folders in, folder out: load ``quantized_model`` (a qalora_ext checkpoint), attach the PEFT
     adapter, and save our adapter (``save_adapter``) to ``out_dir`` -- or, with ``save_model``, the
     whole quantized model with its adapters (``save_quantized``). Returns the import report."""
-    from .checkpoint import load_quantized, save_adapter, save_quantized
+    from ..checkpoint import load_quantized, save_adapter, save_quantized
 
     out_real = os.path.realpath(out_dir)
     for what, path in (("the PEFT adapter", adapter_dir), ("the quantized model", quantized_model)):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_adapter, save_adapter
+from ..checkpoint import load_adapter, save_adapter
 from .data import IGNORE_INDEX
 
 __all__ = [

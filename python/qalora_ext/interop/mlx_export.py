@@ -55,17 +55,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import (
-    _atomic_directory,
-    _fsync_dir,
-    _hash_file,
-    _model_config_dict,
-    _plan_shards,
-    _write_json,
-    parse_size,
-)
-from .format import LAYOUT_CANONICAL, KNOWN_LAYOUTS, round_to_storage
-from .nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
+from ..checkpoint.files import atomic_directory, fsync_dir, hash_file, parse_size, write_json
+from ..checkpoint.quantized import model_config_dict, plan_shards
+from ..format import LAYOUT_CANONICAL, KNOWN_LAYOUTS, round_to_storage
+from ..nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
 
 __all__ = [
     "export_mlx",
@@ -208,7 +201,7 @@ def _find_tokenizer_files(folder: Path) -> list[Path]:
 
 
 def _mlx_config(model: nn.Module, quantization: dict, tied: bool, dtype: torch.dtype) -> dict:
-    config = _model_config_dict(model)
+    config = model_config_dict(model)
     if config is None:
         raise ValueError("export_mlx: the model has no transformers config (model.config); mlx-lm needs config.json "
                          "to rebuild the architecture")
@@ -459,7 +452,7 @@ def export_mlx(
 
     from safetensors.torch import save_file
 
-    shards = _plan_shards(tensors, limit)
+    shards = plan_shards(tensors, limit)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     target = Path(os.path.realpath(os.fspath(out_dir)))
     for f in tok_files:
@@ -467,30 +460,30 @@ def export_mlx(
             raise ValueError(f"export_mlx: out_dir {target} is the folder the tokenizer is read from; export to a "
                              f"new folder")
     files: dict[str, dict] = {}
-    with _atomic_directory(target, own) as tmp:
+    with atomic_directory(target, own) as tmp:
         weight_map: dict[str, str] = {}
         for i, keys in enumerate(shards):
             fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file({k: tensors[k] for k in keys}, str(tmp / fname), metadata=dict(_SAFETENSORS_METADATA))
-            files[fname] = _hash_file(tmp / fname, fsync=True)
+            files[fname] = hash_file(tmp / fname, fsync=True)
             weight_map.update(dict.fromkeys(keys, fname))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            files[WEIGHTS_INDEX_NAME] = _write_json(tmp / WEIGHTS_INDEX_NAME, index)
+            files[WEIGHTS_INDEX_NAME] = write_json(tmp / WEIGHTS_INDEX_NAME, index)
         for f in tok_files:
             if (tmp / f.name).exists():
                 (tmp / f.name).unlink()
             shutil.copy2(f, tmp / f.name)
-            files[f.name] = _hash_file(tmp / f.name, fsync=True)
+            files[f.name] = hash_file(tmp / f.name, fsync=True)
         if tok_object is not None:
             before = set(os.listdir(tmp))
             tok_object.save_pretrained(str(tmp))
             for fname in sorted(set(os.listdir(tmp)) - before):
                 written.add(fname)
-                files[fname] = _hash_file(tmp / fname, fsync=True)
+                files[fname] = hash_file(tmp / fname, fsync=True)
         written.update(f.name for f in tok_files)
-        files[CONFIG_NAME] = _write_json(tmp / CONFIG_NAME, config)  # last: marks a complete folder
-        _fsync_dir(tmp)
+        files[CONFIG_NAME] = write_json(tmp / CONFIG_NAME, config)  # last: marks a complete folder
+        fsync_dir(tmp)
 
     return MLXExportReport(
         path=target,
@@ -531,8 +524,8 @@ def export_mlx_checkpoint(
     the export (so its lost fraction is exact). Tokenizer files are copied
     from ``model_dir``. See :func:`export_mlx` for the other options.
     """
-    from .checkpoint import load_adapter, load_quantized
-    from .hf import is_quantized_checkpoint
+    from ..checkpoint import load_adapter, load_quantized
+    from ..loading import is_quantized_checkpoint
 
     src = Path(os.path.realpath(os.fspath(model_dir)))
     if not src.is_dir():

@@ -31,6 +31,7 @@ __all__ = [
     "load_jsonl_pairs",
     "load_training_data",
     "heldout_windows",
+    "heldout_perplexity",
     "perplexity",
 ]
 
@@ -403,3 +404,14 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         model.train(was_training)
     count = windows.shape[0] * (windows.shape[1] - 1)
     return math.exp(total_nll.item() / count)
+
+
+def heldout_perplexity(model: torch.nn.Module, tokenizer, text: Optional[str] = None, num_windows: int = 16,
+                       window: int = 512, batch_size: int = 4, progress: bool = True) -> float:
+    """Perplexity on evaluation windows of a text (default: the held-out part of the default corpus)."""
+    if text is None:
+        text = default_corpus_split()[1]
+    windows = heldout_windows(tokenizer, text, num_windows=num_windows, window=window)
+    return perplexity(model, windows, batch_size=batch_size, progress=progress)
+
+

@@ -57,8 +57,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .format import round_to_storage
-from .nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
+from ..format import round_to_storage
+from ..nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
 
 __all__ = [
     "export_gguf",
@@ -673,7 +673,7 @@ def _write_metadata(writer, hp: dict, tok: dict, name: str, file_type: int) -> N
 
 def _library_version() -> str:
     try:
-        from . import _C
+        from .. import _C
 
         return str(_C.__version__)
     except Exception:  # pragma: no cover - informative only
@@ -700,8 +700,8 @@ def _progress(items: list, enabled: bool) -> Iterator:
 
 
 def _load_folder(folder: PathLike, adapter: Optional[PathLike]):
-    from .checkpoint import load_adapter
-    from .hf import is_quantized_checkpoint, load_model, resolve_model
+    from ..checkpoint import load_adapter
+    from ..loading import is_quantized_checkpoint, load_model, resolve_model
 
     path = resolve_model(folder)
     if not is_quantized_checkpoint(path):

@@ -9,23 +9,57 @@ the held-out part and asked a question.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "Phases"]
+
+
+@dataclass
+class Phases:
+    """Prints each phase as it starts and ends, and keeps its wall time."""
+
+    times: dict = field(default_factory=dict)
+    verbose: bool = True
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.verbose:
+            print(f"[qalora] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        yield
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        if self.verbose:
+            print(f"[qalora] {name}: done in {self.times[name]:.1f} s", flush=True)
+
+    def table(self) -> str:
+        width = max((len(k) for k in self.times), default=5)
+        rows = [f"  {k:<{width}}  {v:7.1f} s" for k, v in self.times.items()]
+        rows.append(f"  {'total':<{width}}  {sum(self.times.values()):7.1f} s")
+        return "\n".join(rows)
+
+
 
 
 def run_demo(args) -> int:
-    from . import build_info, data, hf, pipeline, train
-    from .checkpoint import load_quantized
-    from .model import add_adapters, merge_adapters
+    from .. import build_info
+    from ..training import data
+    from .. import loading
+    from .. import generation
+    from ..checkpoint.quantized import save_model
+    from ..training import finetune
+    from ..checkpoint import load_quantized
+    from ..model import add_adapters, merge_adapters
 
     t_start = time.perf_counter()
-    phases = pipeline.Phases()
+    phases = Phases()
     info = build_info()
     print(f"[qalora] qalora_ext {info['version']}, torch {info['torch']}, CPU kernels {info['cpu_isa_active']}, "
           f"{torch.get_num_threads()} threads")
@@ -33,36 +67,36 @@ def run_demo(args) -> int:
     eval_kw = dict(num_windows=args.windows, window=args.window)
 
     with phases("load source model"):
-        folder = hf.resolve_model(args.model)
-        source, tokenizer, _ = hf.load_model(folder)
+        folder = loading.resolve_model(args.model)
+        source, tokenizer, _ = loading.load_model(folder)
         train_text, heldout_text = data.default_corpus_split()
     with phases("perplexity: source"):
-        ppl_source = pipeline.heldout_perplexity(source, tokenizer, heldout_text, **eval_kw)
+        ppl_source = data.heldout_perplexity(source, tokenizer, heldout_text, **eval_kw)
     print(f"[qalora]   source perplexity {ppl_source:.2f}")
     del source
     gc.collect()
 
     with phases(f"quantize {label}"):
-        model, _, _ = pipeline.quantize(folder, args.bits, args.group_size, args.method,
+        model, _, _ = loading.quantize(folder, args.bits, args.group_size, args.method,
                                         getattr(torch, args.scale_dtype), getattr(torch, args.zero_dtype),
                                         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                         calib_text=train_text, seed=args.seed)
     with phases("perplexity: quantized"):
-        ppl_quant = pipeline.heldout_perplexity(model, tokenizer, heldout_text, **eval_kw)
+        ppl_quant = data.heldout_perplexity(model, tokenizer, heldout_text, **eval_kw)
     print(f"[qalora]   quantized perplexity {ppl_quant:.2f}")
 
     with phases(f"fine-tune ({args.steps} steps x {args.batch_size} x {args.seq_len} tokens)"):
         torch.manual_seed(args.seed)
         add_adapters(model, rank=args.rank, alpha=args.alpha)
         dataset = data.load_training_data(None, tokenizer, args.seq_len)
-        result = train.finetune(model, dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        result = finetune.finetune(model, dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                 seed=args.seed, output_dir=None, progress=True, loss_plot=False)
     print(f"[qalora]   loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, "
           f"{result.tokens_per_second:.0f} tokens/s")
 
     with phases("merge and save"):
         report = merge_adapters(model)
-        out = pipeline.save_model(model, tokenizer, args.out)
+        out = save_model(model, tokenizer, args.out)
     lost = max(report.values())
     print(f"[qalora]   {len(report)} adapters merged; largest fraction lost to zero rounding {lost:.1e}; "
           f"written to {out}")
@@ -72,11 +106,11 @@ def run_demo(args) -> int:
     with phases("reload merged model"):
         merged = load_quantized(out)
     with phases("perplexity: fine-tuned, merged"):
-        ppl_merged = pipeline.heldout_perplexity(merged, tokenizer, heldout_text, **eval_kw)
+        ppl_merged = data.heldout_perplexity(merged, tokenizer, heldout_text, **eval_kw)
     print(f"[qalora]   merged perplexity {ppl_merged:.2f}")
 
     with phases("generate"):
-        reply = pipeline.generate(merged, tokenizer, args.prompt, max_new_tokens=48)
+        reply = generation.generate(merged, tokenizer, args.prompt, max_new_tokens=48)
 
     total = time.perf_counter() - t_start
     gap = (ppl_quant - ppl_merged) / max(ppl_quant - ppl_source, 1e-9)

@@ -1,0 +1,76 @@
+"""Generating text with a (quantized) causal LM, and timing it.
+
+``generate`` answers one prompt through the tokenizer's chat template;
+``time_prefill_decode`` measures prefill and per-token decode time with the
+KV cache (median of repeats after a warm-up), as ``qalora bench`` reports.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+__all__ = ["chat_prompt_ids", "generate", "time_prefill_decode"]
+
+
+def chat_prompt_ids(tokenizer, prompt: str, use_chat_template: bool = True) -> torch.Tensor:
+    """Input ids (1, T) of a user prompt, through the tokenizer's chat template when it has one."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        ids = out if torch.is_tensor(out) else out["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return ids
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+             use_chat_template: bool = True, seed: int = 0) -> str:
+    """The model's reply to a prompt (greedy when temperature is 0), through the packed kernels."""
+    ids = chat_prompt_ids(tokenizer, prompt, use_chat_template)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    if temperature > 0:
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    model.eval()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations, lazy initialisation
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def time_prefill_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(prefill seconds, decode seconds per token) for one sequence, greedy, with the KV cache.
+
+    Prefill is the time to the first new token; decode is the difference
+    between generating ``new_tokens`` and one token, per extra token.
+    """
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 to time decoding; got {new_tokens}")
+    model.eval()
+
+    def generate(n):
+        return lambda: model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                      pad_token_id=0)
+
+    t_first = _median_time(generate(1), repeats)
+    t_all = _median_time(generate(new_tokens), repeats)
+    return t_first, max(t_all - t_first, 1e-9) / (new_tokens - 1)
+
