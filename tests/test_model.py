@@ -108,3 +108,21 @@ def test_add_train_merge_model():
     assert all(0 <= f < 1e-3 for f in report.values())
     assert not _quant_names(model, QALoRALinear)
     assert rel_err(model(ids), before) <= 1e-5
+
+
+def test_quantized_layers_lists_each_packed_layer_once():
+    torch.manual_seed(11)
+    from qalora_ext.model import quantized_layers
+
+    model = TinyLM()
+    qalora_ext.quantize_model(model, bits=3, group_size=32, progress=False)
+    qalora_ext.add_adapters(model, rank=4, target_modules=["proj"])
+    layers = quantized_layers(model)
+    want = {f"blocks.{i}.{n}" for i in range(2) for n in ("up", "down", "proj")}
+    assert set(layers) == want  # no "blocks.i.proj.base", no head
+    for i in range(2):
+        assert isinstance(layers[f"blocks.{i}.proj"], QALoRALinear)
+        assert type(layers[f"blocks.{i}.up"]) is QuantLinear
+    # A layer shared under two names is listed once, under its first name.
+    model.blocks[1]["up"] = model.blocks[0]["up"]
+    assert "blocks.1.up" not in quantized_layers(model)

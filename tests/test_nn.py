@@ -260,3 +260,17 @@ def test_public_api_names():
     for name in ("QuantLinear", "QALoRALinear", "quantize_model", "add_adapters", "merge_adapters",
                  "save_quantized", "load_quantized", "save_adapter", "load_adapter"):
         assert hasattr(qalora_ext, name), name
+
+
+def test_zero_delta_is_the_pooled_adapter_per_weight():
+    """zero_delta() is what the adapter adds to every weight of a group: s * (B A)[n, g] / G, in float64."""
+    torch.manual_seed(12)
+    layer = QALoRALinear.from_linear(nn.Linear(256, 48), bits=3, group_size=64, rank=5, alpha=7)
+    nn.init.normal_(layer.lora_B, std=0.1)
+    delta = layer.zero_delta()
+    assert delta.dtype == torch.float64 and delta.shape == (48, 4)
+    x = torch.randn(3, 256, dtype=torch.float64)
+    # The adapter's output equals x @ (per-weight delta)^T, since pool is a mean.
+    adapter_out = layer.scaling * (x.unflatten(-1, (4, 64)).mean(-1) @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
+    per_weight = delta.repeat_interleave(64, dim=1)
+    assert torch.allclose(x @ per_weight.t(), adapter_out, rtol=1e-12, atol=1e-12)

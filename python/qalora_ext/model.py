@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from .format import check_bits, check_group_size
-from .nn import QALoRALinear, QuantLinear
+from .nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
 
-__all__ = ["quantize_model", "quantization_targets", "set_module", "add_adapters", "merge_adapters", "find_output_heads", "freeze_all_but_adapters",
-           "set_int8_activations"]
+__all__ = ["quantize_model", "quantization_targets", "quantized_layers", "set_module", "add_adapters", "merge_adapters",
+           "find_output_heads", "freeze_all_but_adapters", "set_int8_activations"]
 
 TargetModules = Optional[Union[str, Iterable[str]]]
 
@@ -30,6 +30,24 @@ def _matches(name: str, target_modules: TargetModules) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: QALoRALinear or QuantLinear}``: every packed layer once, in module order.
+
+    A ``QuantLinear`` inside a ``QALoRALinear`` is represented by its wrapper
+    (the layer with its adapter), never listed again as ``NAME.base``. A layer
+    object registered under two names is listed under its first.
+    """
+    layers: dict[str, nn.Module] = {}
+    wrapped: set[int] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, QALoRALinear):
+            layers[name] = m
+            wrapped.add(id(m.base))
+        elif isinstance(m, QuantLinear) and id(m) not in wrapped:
+            layers[name] = m
+    return layers
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -167,7 +185,7 @@ def merge_adapters(model: nn.Module) -> dict[str, float]:
             merged = model.get_submodule(name).merge()
             report[name] = merged.merge_lost_fraction
             set_module(model, name, merged)
-    bad = {n: f for n, f in report.items() if f > 0.01}
+    bad = {n: f for n, f in report.items() if f > MERGE_WARN_FRACTION}
     if bad:
         worst = max(bad, key=bad.get)
         warnings.warn(

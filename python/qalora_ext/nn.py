@@ -272,6 +272,18 @@ class QALoRALinear(nn.Module):
         return self.base._linear(x, self.lora_A, self.lora_B, mask, self.scaling)
 
     @torch.no_grad()
+    def zero_delta(self) -> torch.Tensor:
+        """What the adapter adds to each zero, ``s * (B @ A) / G`` (N, K/G), in float64 (SPEC "Merge").
+
+        Because the pooling is a mean, the adapter adds this to every weight of
+        group g in row n; merging and every export fold exactly this into the
+        zeros, rounding once to the zeros' storage dtype.
+        """
+        A = self.lora_A.detach().double()
+        B = self.lora_B.detach().double()
+        return self.scaling * (B @ A) / self.base.group_size
+
+    @torch.no_grad()
     def merge(self) -> QuantLinear:
         """Fold the adapter into the zeros: ``zero' = zero + s * (B @ A) / G`` (SPEC).
 
@@ -281,9 +293,7 @@ class QALoRALinear(nn.Module):
         (and on this module) and warned about above 1%.
         """
         base = self.base
-        A = self.lora_A.detach().double()
-        B = self.lora_B.detach().double()
-        delta = self.scaling * (B @ A) / base.group_size
+        delta = self.zero_delta()
         zero64 = base.zero.double() + delta
         zero_stored = round_to_storage(zero64, base.zero.dtype)
         denom = delta.norm().item()
