@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -58,8 +59,10 @@ def test_quantize_model_target_modules_and_errors():
     assert _quant_names(model) == ["blocks.1.down", "blocks.1.proj", "blocks.1.up"]
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         qalora_ext.quantize_model(TinyLM(), target_modules=["nope"], progress=False)
-    with pytest.raises(NotImplementedError, match="gptq"):
+    with pytest.raises(ValueError, match="method='gptq' needs calibration"):
         qalora_ext.quantize_model(TinyLM(), method="gptq")
+    with pytest.raises(ValueError, match="calibration is only used by method='gptq'"):
+        qalora_ext.quantize_model(TinyLM(), calibration=[torch.zeros(1, 4, dtype=torch.long)])
     with pytest.raises(ValueError, match="method must be"):
         qalora_ext.quantize_model(TinyLM(), method="awq")
     with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
@@ -126,3 +129,24 @@ def test_quantized_layers_lists_each_packed_layer_once():
     # A layer shared under two names is listed once, under its first name.
     model.blocks[1]["up"] = model.blocks[0]["up"]
     assert "blocks.1.up" not in quantized_layers(model)
+
+
+def test_quantize_model_gptq_is_the_gptq_quantizer():
+    """method='gptq' (it once said "not available") gives exactly quantize_model_gptq's layers."""
+    from qalora_ext.quantize.gptq import quantize_model_gptq
+
+    torch.manual_seed(13)
+    model = TinyLM()
+    calib = [torch.randint(0, 50, (2, 16)) for _ in range(2)]
+    a = qalora_ext.quantize_model(copy.deepcopy(model), bits=3, group_size=32, method="gptq", calibration=calib,
+                                  progress=False)
+    b = quantize_model_gptq(copy.deepcopy(model), calib, bits=3, group_size=32, progress=False)
+    names = _quant_names(a)
+    assert names and names == _quant_names(b)
+    rtn = qalora_ext.quantize_model(copy.deepcopy(model), bits=3, group_size=32, progress=False)
+    differs = False
+    for n in names:
+        la, lb = a.get_submodule(n), b.get_submodule(n)
+        assert torch.equal(la.packed, lb.packed) and torch.equal(la.scale, lb.scale) and torch.equal(la.zero, lb.zero)
+        differs |= not torch.equal(la.packed, rtn.get_submodule(n).packed)
+    assert differs  # GPTQ, not RTN

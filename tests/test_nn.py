@@ -258,7 +258,11 @@ def test_adapter_errors():
 
 def test_public_api_names():
     for name in ("QuantLinear", "QALoRALinear", "quantize_model", "add_adapters", "merge_adapters",
-                 "save_quantized", "load_quantized", "save_adapter", "load_adapter"):
+                 "save_quantized", "load_quantized", "save_adapter", "load_adapter", "set_int8_activations",
+                 "build_info", "set_cpu_isa", "LAYOUT_CANONICAL"):
+        assert hasattr(qalora_ext, name), name
+        assert name in qalora_ext.__all__, name
+    for name in qalora_ext.__all__:
         assert hasattr(qalora_ext, name), name
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import _C, ops, reference  # noqa: F401  (_C registers the torch ops)
 from .checkpoint import load_adapter, load_quantized, save_adapter, save_quantized
 from .format import LAYOUT_CANONICAL
-from .model import add_adapters, merge_adapters, quantize_model
+from .model import add_adapters, merge_adapters, quantize_model, set_int8_activations
 from .nn import QALoRALinear, QuantLinear
 
 __version__ = _C.__version__
@@ -21,6 +21,7 @@ __all__ = [
     "quantize_model",
     "add_adapters",
     "merge_adapters",
+    "set_int8_activations",
     "save_quantized",
     "load_quantized",
     "save_adapter",
@@ -32,7 +33,11 @@ __all__ = [
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force the CPU kernels of one instruction set: 'scalar', 'avx2', 'avx512', 'neon' or 'auto'."""
+    """Force the CPU kernels of one instruction set: 'scalar', 'avx2', 'avx512', 'avx512vnni', 'neon' or 'auto'.
+
+    Only the sets compiled into this build (``build_info()["cpu_isas_compiled"]``)
+    and supported by this CPU are accepted; 'auto' picks the best one again.
+    """
     _C.set_cpu_isa(name)
 
 

@@ -58,10 +58,6 @@ def packed_row_words(in_features: int, bits: int) -> int:
     return (code_words + 3) // 4 * 4
 
 
-def packed_bytes(out_features: int, in_features: int, bits: int) -> int:
-    return out_features * packed_row_words(in_features, bits) * 4
-
-
 def round_to_storage(x, dtype):
     """Round a float64 tensor to ``dtype`` with one correct round-to-nearest-even.
 

@@ -105,19 +105,30 @@ def quantize_model(
     zero_dtype: torch.dtype = torch.float32,
     target_modules: TargetModules = None,
     progress: bool = True,
+    calibration=None,
 ) -> nn.Module:
     """Replace ``nn.Linear`` layers by packed ``QuantLinear`` layers, in place.
 
     ``target_modules=None``: every ``nn.Linear`` except output heads and layers
     tied to embeddings. Layers whose in_features is not a multiple of
     ``group_size`` are left as they are, listed in one warning.
+    ``method="gptq"`` needs ``calibration`` (an iterable of input-id batches)
+    and runs :func:`qalora_ext.quantize.gptq.quantize_model_gptq`.
     """
     check_bits(bits)
     check_group_size(group_size)
-    if method == "gptq":
-        raise NotImplementedError("method='gptq' is not available in this version; use method='rtn'")
-    if method != "rtn":
+    if method not in ("rtn", "gptq"):
         raise ValueError(f"method must be 'rtn' or 'gptq'; got {method!r}")
+    if method == "gptq":
+        if calibration is None:
+            raise ValueError("method='gptq' needs calibration data: calibration=[input_ids batches, ...] "
+                             "(qalora_ext.quantize.calibration.calibration_batches makes them from text)")
+        from .quantize.gptq import quantize_model_gptq
+
+        return quantize_model_gptq(model, calibration, bits=bits, group_size=group_size, scale_dtype=scale_dtype,
+                                   zero_dtype=zero_dtype, target_modules=target_modules, progress=progress)
+    if calibration is not None:
+        raise ValueError("calibration is only used by method='gptq'; round-to-nearest (method='rtn') needs none")
     todo, skipped = quantization_targets(model, group_size, target_modules)
     if skipped:
         warnings.warn(
