@@ -39,6 +39,16 @@ def check_group_size(group_size) -> None:
         raise ValueError(f"group_size must be 32, 64 or 128; got {group_size!r}")
 
 
+def check_store_dtypes(scale_dtype, zero_dtype, names=("scale_dtype", "zero_dtype")) -> None:
+    """Scales and zeros are stored as float16, bfloat16 or float32 (SPEC "Storage dtypes")."""
+    import torch
+
+    allowed = (torch.float16, torch.bfloat16, torch.float32)
+    for name, dt in zip(names, (scale_dtype, zero_dtype)):
+        if dt not in allowed:
+            raise TypeError(f"{name} must be torch.float16, torch.bfloat16 or torch.float32; got {dt}")
+
+
 def check_layout(layout) -> None:
     if layout not in KNOWN_LAYOUTS:
         raise ValueError(f"packed layout id {layout!r} is not known (known: {KNOWN_LAYOUTS})")

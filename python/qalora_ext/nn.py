@@ -23,6 +23,7 @@ from .format import (
     check_group_size,
     check_in_features,
     check_layout,
+    check_store_dtypes,
     packed_row_words,
     round_to_storage,
 )
@@ -32,18 +33,6 @@ __all__ = ["QuantLinear", "QALoRALinear", "MERGE_WARN_FRACTION"]
 MERGE_WARN_FRACTION = 0.01
 """A merge warns when more than this fraction of the adapter is lost to rounding (SPEC)."""
 
-_STORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _kernel_input(x: torch.Tensor) -> torch.Tensor:
-    """Cast x to a dtype the kernels take on its device (autocast included)."""
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    ok = (torch.float32, torch.bfloat16) if x.device.type == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
-    if dtype not in ok:
-        dtype = torch.float32
-    return x if x.dtype == dtype else x.to(dtype)
 
 
 class QuantLinear(nn.Module):
@@ -74,9 +63,7 @@ class QuantLinear(nn.Module):
         check_in_features(in_features, group_size)
         if out_features < 1:
             raise ValueError(f"out_features must be >= 1; got {out_features}")
-        for name, dt in (("scale_dtype", scale_dtype), ("zero_dtype", zero_dtype)):
-            if dt not in _STORE_DTYPES:
-                raise TypeError(f"{name} must be torch.float16, torch.bfloat16 or torch.float32; got {dt}")
+        check_store_dtypes(scale_dtype, zero_dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -129,8 +116,7 @@ class QuantLinear(nn.Module):
         for name, t in (("scale", scale), ("zero", zero)):
             if tuple(t.shape) != want_s:
                 raise ValueError(f"{name} must have shape {want_s}; got {tuple(t.shape)}")
-            if t.dtype not in _STORE_DTYPES:
-                raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
+        check_store_dtypes(scale.dtype, zero.dtype, names=("scale", "zero"))
         self.layout = layout
         self.packed = packed.contiguous()
         self.scale = scale.contiguous()
@@ -165,21 +151,11 @@ class QuantLinear(nn.Module):
     #: VNNI, a bounded change of the numerics). Training and CUDA use float.
     int8_activations: bool = False
 
-    def _linear(self, x, lora_A=None, lora_B=None, pool_mask=None, scaling=1.0):
-        xk = _kernel_input(x)
-        op = ops.qlinear
-        if self.int8_activations and x.device.type == "cpu" and not (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, lora_A, lora_B))):
-            op = ops.qlinear_int8
-        y = op(xk, self.packed, self.scale, self.zero, self.bias, lora_A, lora_B, pool_mask, scaling,
-               bits=self.bits, group_size=self.group_size, layout=self.layout)
-        # SPEC: the output has x's dtype (under autocast: the autocast dtype).
-        if xk is not x and not torch.is_autocast_enabled(x.device.type):
-            y = y.to(x.dtype)
-        return y
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x)
+    def forward(self, x: torch.Tensor, adapter: Optional[ops.PooledAdapter] = None) -> torch.Tensor:
+        """``y = x W~^T + bias``, plus ``adapter``'s pooled term when given (``QALoRALinear`` passes its own)."""
+        return ops.packed_linear(x, self.packed, self.scale, self.zero, self.bias, adapter, bits=self.bits,
+                                 group_size=self.group_size, layout=self.layout,
+                                 int8_activations=self.int8_activations)
 
     def _apply(self, fn, recurse=True):
         # Scales and zeros keep their storage dtypes through .half()/.to(dtype):
@@ -269,7 +245,7 @@ class QALoRALinear(nn.Module):
             keep = 1.0 - self.dropout
             mask = torch.empty((*x.shape[:-1], groups), device=x.device, dtype=torch.float32).bernoulli_(keep)
             mask.div_(keep)
-        return self.base._linear(x, self.lora_A, self.lora_B, mask, self.scaling)
+        return self.base(x, adapter=ops.PooledAdapter(self.lora_A, self.lora_B, self.scaling, mask))
 
     @torch.no_grad()
     def zero_delta(self) -> torch.Tensor:

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import math
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from .format import LAYOUT_CANONICAL, check_bits, check_group_size, packed_row_words
+from .format import LAYOUT_CANONICAL, check_bits, check_group_size, check_store_dtypes, packed_row_words
 
 _ops = torch.ops.qalora
 
 __all__ = [
+    "PooledAdapter",
+    "kernel_dtype",
+    "packed_linear",
     "quantize_rtn",
     "pack",
     "unpack",
@@ -63,9 +66,7 @@ def quantize_rtn(
     """
     check_bits(bits)
     check_group_size(group_size)
-    for name, dt in (("scale_dtype", scale_dtype), ("zero_dtype", zero_dtype)):
-        if dt not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name} must be torch.float16, torch.bfloat16 or torch.float32; got {dt}")
+    check_store_dtypes(scale_dtype, zero_dtype)
     return _ops.quantize_rtn(weight, bits, group_size, scale_dtype, zero_dtype)
 
 
@@ -182,6 +183,96 @@ def qlinear_grad_input(
                    lora_B=lora_B, pool_mask=pool_mask)
     return _ops.qlinear_grad_input(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, float(scaling), bits,
                                    group_size, layout)
+
+
+# ---------------------------------------------------------------------------
+# The packed layer's forward as modules call it: dtype policy, int8 choice
+# ---------------------------------------------------------------------------
+
+
+class PooledAdapter(NamedTuple):
+    """A QA-LoRA adapter as the kernels take it: ``scaling * ((pool_mask * pool(x)) A^T) B^T`` (SPEC).
+
+    ``lora_A`` (r, K/G) and ``lora_B`` (N, r) are float32; ``pool_mask``
+    (..., K/G) is the dropout mask on the pooled input, already including
+    ``1/(1-p)``, or None (no dropout, or evaluation).
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    pool_mask: Optional[torch.Tensor] = None
+
+
+# Activation dtypes the kernels take, per device type (SPEC "Storage dtypes").
+_KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16)}
+_GPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Device types torch's autocast knows; asking about any other raises.
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a packed layer's kernel runs ``x`` in (the one dtype policy).
+
+    Under autocast, the autocast dtype; otherwise x's own dtype. A dtype the
+    device's kernels do not take (float16 or float64 on CPU) runs as float32.
+    Integer inputs are refused: a linear layer of integers would silently
+    truncate (``F.linear`` refuses them too).
+    """
+    if not (x.is_floating_point()):
+        raise TypeError(f"a packed linear layer takes a floating-point input; got x of dtype {x.dtype} "
+                        f"(convert it first, e.g. x.float())")
+    dtype = x.dtype
+    device_type = x.device.type
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    if dtype not in _KERNEL_DTYPES.get(device_type, _GPU_KERNEL_DTYPES):
+        dtype = torch.float32
+    return dtype
+
+
+def _wants_grad(x: torch.Tensor, adapter: Optional[PooledAdapter]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or (adapter is not None and (adapter.lora_A.requires_grad or adapter.lora_B.requires_grad))
+
+
+def packed_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    adapter: Optional[PooledAdapter] = None,
+    *,
+    bits: int,
+    group_size: int,
+    layout: int = LAYOUT_CANONICAL,
+    int8_activations: bool = False,
+) -> torch.Tensor:
+    """``y = x W~^T + bias (+ adapter)``, as ``QuantLinear.forward`` computes it.
+
+    The policy lives here and nowhere else: x runs in :func:`kernel_dtype`;
+    the output has x's dtype (under autocast, the autocast dtype: SPEC);
+    ``int8_activations`` takes :func:`qlinear_int8` only for CPU forward
+    passes that need no gradient (it has none), else :func:`qlinear`. The
+    layer validated bits, group size and shapes when it was built, and the
+    kernels check every call, so nothing is re-checked here.
+    """
+    dtype = kernel_dtype(x)
+    xk = x if x.dtype == dtype else x.to(dtype)
+    op = _ops.qlinear
+    if int8_activations and x.device.type == "cpu" and not _wants_grad(x, adapter):
+        op = _ops.qlinear_int8
+    if adapter is None:
+        y = op(xk, packed, scale, zero, bias, None, None, None, 1.0, bits, group_size, layout)
+    else:
+        y = op(xk, packed, scale, zero, bias, adapter.lora_A, adapter.lora_B, adapter.pool_mask,
+               float(adapter.scaling), bits, group_size, layout)
+    autocast = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
+    if xk is not x and not autocast:
+        y = y.to(x.dtype)
+    return y
 
 
 # ---------------------------------------------------------------------------

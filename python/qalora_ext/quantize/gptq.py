@@ -25,20 +25,11 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..format import check_bits, check_group_size, check_in_features
+from ..format import check_bits, check_group_size, check_in_features, check_store_dtypes
 from ..model import TargetModules, quantization_targets, set_module
 from ..nn import QuantLinear
 
 __all__ = ["gptq_quantize_weight", "HessianAccumulator", "quantize_model_gptq", "find_blocks"]
-
-_STORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_store_dtypes(scale_dtype, zero_dtype) -> None:
-    for name, dt in (("scale_dtype", scale_dtype), ("zero_dtype", zero_dtype)):
-        if dt not in _STORE_DTYPES:
-            raise TypeError(f"{name} must be torch.float16, torch.bfloat16 or torch.float32; got {dt}")
-
 
 def _check_damp_block(damp, block_size) -> None:
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
@@ -89,7 +80,7 @@ def gptq_quantize_weight(
     """
     check_bits(bits)
     check_group_size(group_size)
-    _check_store_dtypes(scale_dtype, zero_dtype)
+    check_store_dtypes(scale_dtype, zero_dtype)
     _check_damp_block(damp, block_size)
     for name, t in (("weight", weight), ("hessian", hessian)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -329,7 +320,7 @@ def quantize_model_gptq(
     """
     check_bits(bits)
     check_group_size(group_size)
-    _check_store_dtypes(scale_dtype, zero_dtype)
+    check_store_dtypes(scale_dtype, zero_dtype)
     _check_damp_block(damp, block_size)
     if isinstance(calibration, (torch.Tensor, Mapping)):
         raise TypeError("calibration must be an iterable of batches (a list of input_ids tensors or of dicts); "
