@@ -278,3 +278,13 @@ def test_zero_delta_is_the_pooled_adapter_per_weight():
     adapter_out = layer.scaling * (x.unflatten(-1, (4, 64)).mean(-1) @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
     per_weight = delta.repeat_interleave(64, dim=1)
     assert torch.allclose(x @ per_weight.t(), adapter_out, rtol=1e-12, atol=1e-12)
+
+
+def test_integer_input_is_refused_and_meta_runs():
+    """The dtype policy (ops.kernel_dtype): integers are refused, not truncated; meta tensors trace shapes."""
+    torch.manual_seed(14)
+    q = QuantLinear.from_linear(nn.Linear(64, 16), bits=4, group_size=32)
+    with pytest.raises(TypeError, match="floating-point input; got x of dtype torch.int64"):
+        q(torch.randint(-3, 3, (2, 64)))
+    y = q.to("meta")(torch.randn(5, 64, device="meta"))
+    assert y.device.type == "meta" and y.shape == (5, 16) and y.dtype == torch.float32
