@@ -16,7 +16,7 @@ from torch import nn
 from .format import check_bits, check_group_size
 from .nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
 
-__all__ = ["quantize_model", "quantization_targets", "quantized_layers", "set_module", "add_adapters", "merge_adapters",
+__all__ = ["quantize_model", "quantization_targets", "quantized_layers", "model_device", "set_module", "add_adapters", "merge_adapters",
            "find_output_heads", "freeze_all_but_adapters", "set_int8_activations"]
 
 TargetModules = Optional[Union[str, Iterable[str]]]
@@ -48,6 +48,15 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
         elif isinstance(m, QuantLinear) and id(m) not in wrapped:
             layers[name] = m
     return layers
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

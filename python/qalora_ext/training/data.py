@@ -19,6 +19,8 @@ from typing import Mapping, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
+from ..model import model_device
+
 __all__ = [
     "HELDOUT_FRACTION",
     "IGNORE_INDEX",
@@ -361,14 +363,6 @@ def heldout_windows(tokenizer, text: Optional[str] = None, num_windows: int = 16
     return torch.stack([region[s: s + window] for s in starts])
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
     """``exp`` of the mean next-token negative log-likelihood over all windows.
 
@@ -387,7 +381,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     from tqdm.auto import tqdm
 
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64)

@@ -27,7 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_adapter, save_adapter
+from ..checkpoint import ADAPTER_CONFIG_NAME, load_adapter, save_adapter
+from ..checkpoint.files import fsync_dir
+from ..model import model_device
 from .data import IGNORE_INDEX
 
 __all__ = [
@@ -50,7 +52,6 @@ KEEP_CHECKPOINTS = 2
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # Temporary directories of an interrupted save: ours, and save_adapter's inside them.
 _PARTIAL_RE = re.compile(rf"^\.\.?{CHECKPOINT_PREFIX}\d+\.partial-")
-_ADAPTER_CONFIG = "adapter_config.json"
 
 PathLike = Union[str, os.PathLike]
 
@@ -158,14 +159,6 @@ def _setup_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), True)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _rng_state(device: torch.device) -> dict:
     return {
         "torch": torch.get_rng_state(),
@@ -181,14 +174,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durable(path: Path, write) -> None:
     with open(path, "wb") as f:
         write(f)
@@ -202,7 +187,7 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     if output_dir.is_dir():
         for entry in output_dir.iterdir():
             m = _CHECKPOINT_RE.match(entry.name)
-            if m and (entry / TRAINER_STATE_NAME).is_file() and (entry / _ADAPTER_CONFIG).is_file():
+            if m and (entry / TRAINER_STATE_NAME).is_file() and (entry / ADAPTER_CONFIG_NAME).is_file():
                 found.append((int(m.group(1)), entry))
     return sorted(found)
 
@@ -228,7 +213,7 @@ def _save_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict)
         _write_durable(tmp / TRAINER_STATE_NAME, lambda f: torch.save(state, f))
         summary = {k: state[k] for k in ("step", "losses", "samples_seen", "settings")}
         _write_durable(tmp / TRAINER_STATE_JSON, lambda f: f.write(json.dumps(summary, indent=1).encode()))
-        _fsync_path(tmp)
+        fsync_dir(tmp)
         if final.exists():
             # Only reachable when a resumed run rewrites the step it resumed
             # from; the old copy goes only once the new one is in place.
@@ -238,7 +223,7 @@ def _save_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict)
             shutil.rmtree(aside)
         else:
             os.replace(tmp, final)
-        _fsync_path(output_dir)
+        fsync_dir(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -421,6 +406,59 @@ def finetune(
     in float32. ``None`` (default): the model's own dtype. float16 is refused
     (it would need loss scaling).
     """
+    _check_arguments(dataset, steps, batch_size, grad_accum, lr, weight_decay, warmup_steps, max_grad_norm,
+                     save_every, seed, autocast, output_dir, resume, model)
+    device = model_device(model)
+    ctx = _setup_distributed(device)
+    rank0 = ctx.rank == 0
+    out = Path(output_dir) if output_dir is not None else None
+    settings = {
+        "global_batch_size": batch_size * ctx.world_size,
+        "grad_accum": grad_accum,
+        "seed": seed,
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "warmup_steps": warmup_steps,
+        "max_grad_norm": None if not max_grad_norm else float(max_grad_norm),
+        "num_examples": len(dataset),
+        "world_size": ctx.world_size,
+    }
+    result = TrainResult(output_dir=out)
+    config = getattr(model, "config", None)
+    old_use_cache = getattr(config, "use_cache", None)
+    undo_checkpointing = None
+    try:
+        saved = _prepare_output_dir(model, out, resume, steps, settings, rank0, result)
+        if gradient_checkpointing:
+            undo_checkpointing = _enable_checkpointing(model)
+            if undo_checkpointing is None and rank0:
+                warnings.warn(f"{type(model).__name__} does not support gradient checkpointing; training without it",
+                              stacklevel=2)
+        if old_use_cache is not None:
+            config.use_cache = False
+        run = _Run(model, dataset, ctx, device, batch_size, grad_accum, lr, weight_decay, warmup_steps,
+                   max_grad_norm, seed, autocast, saved)
+        if saved is not None:
+            result.losses = list(saved["losses"])
+            _restore_rng(saved["rng"], ctx, device, result.resumed_from)
+        _train_loop(run, steps, out, save_every, settings, progress and rank0, result)
+        if out is not None:
+            result.checkpoint = latest_checkpoint(out)
+            if loss_plot and rank0 and result.losses:
+                result.plot_path = _plot_losses(result.losses, out / LOSS_PLOT_NAME)
+        return result
+    finally:
+        if undo_checkpointing is not None:
+            undo_checkpointing()
+        if old_use_cache is not None:
+            config.use_cache = old_use_cache
+        if ctx.created:
+            dist.destroy_process_group()
+
+
+def _check_arguments(dataset, steps, batch_size, grad_accum, lr, weight_decay, warmup_steps, max_grad_norm,
+                     save_every, seed, autocast, output_dir, resume, model) -> None:
+    """Every argument of :func:`finetune`, checked before anything happens (errors name the argument)."""
     _check_int("steps", steps, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("grad_accum", grad_accum, 1)
@@ -451,166 +489,167 @@ def finetune(
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no parameter that requires grad; call qalora_ext.add_adapters first")
 
-    device = _model_device(model)
-    ctx = _setup_distributed(device)
-    rank0 = ctx.rank == 0
-    out = Path(output_dir) if output_dir is not None else None
-    settings = {
-        "global_batch_size": batch_size * ctx.world_size,
-        "grad_accum": grad_accum,
-        "seed": seed,
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "warmup_steps": warmup_steps,
-        "max_grad_norm": None if not max_grad_norm else float(max_grad_norm),
-        "num_examples": n_examples,
-        "world_size": ctx.world_size,
-    }
-    result = TrainResult(output_dir=out)
-    config = getattr(model, "config", None)
-    old_use_cache = getattr(config, "use_cache", None)
-    undo_checkpointing = None
-    try:
-        if out is not None and rank0:
-            out.mkdir(parents=True, exist_ok=True)
-            _remove_partials(out)
-        saved = None
-        if resume:
-            result.resumed_from = latest_checkpoint(out)
-            if result.resumed_from is None:
-                if rank0:
-                    warnings.warn(f"resume=True but {out} holds no complete checkpoint; starting from step 0",
-                                  stacklevel=2)
-            else:
-                saved = torch.load(result.resumed_from / TRAINER_STATE_NAME, map_location="cpu", weights_only=True)
-                _check_resume_settings(result.resumed_from, saved["settings"], settings)
-                if saved["step"] > steps:
-                    raise ValueError(f"resume: {result.resumed_from} is at step {saved['step']}, beyond "
-                                     f"steps={steps}; ask for at least {saved['step']} steps")
-                load_adapter(model, result.resumed_from)
-        elif out is not None and _checkpoints(out):
+
+def _prepare_output_dir(model: nn.Module, out: Optional[Path], resume: bool, steps: int, settings: dict,
+                        rank0: bool, result: TrainResult) -> Optional[dict]:
+    """Create output_dir, and on resume load the newest checkpoint's adapters; returns its trainer state.
+
+    A fresh run refuses a directory that already holds checkpoints, so two
+    runs never mix; a resume checks that the checkpoint was written with the
+    same settings.
+    """
+    if out is not None and rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_partials(out)
+    if not resume:
+        if out is not None and _checkpoints(out):
             raise ValueError(f"{out} already holds checkpoints ({latest_checkpoint(out).name} is the newest); "
                              f"pass resume=True to continue that run, or choose another output_dir")
+        return None
+    result.resumed_from = latest_checkpoint(out)
+    if result.resumed_from is None:
+        if rank0:
+            warnings.warn(f"resume=True but {out} holds no complete checkpoint; starting from step 0", stacklevel=3)
+        return None
+    saved = torch.load(result.resumed_from / TRAINER_STATE_NAME, map_location="cpu", weights_only=True)
+    _check_resume_settings(result.resumed_from, saved["settings"], settings)
+    if saved["step"] > steps:
+        raise ValueError(f"resume: {result.resumed_from} is at step {saved['step']}, beyond "
+                         f"steps={steps}; ask for at least {saved['step']} steps")
+    load_adapter(model, result.resumed_from)
+    return saved
 
-        if gradient_checkpointing:
-            undo_checkpointing = _enable_checkpointing(model)
-            if undo_checkpointing is None and rank0:
-                warnings.warn(f"{type(model).__name__} does not support gradient checkpointing; training without it",
-                              stacklevel=2)
-        if old_use_cache is not None:
-            config.use_cache = False
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
-        start = 0
+def _restore_rng(rng: list, ctx: _Dist, device: torch.device, ckpt: Path) -> None:
+    if ctx.rank < len(rng) and len(rng) == ctx.world_size:
+        _set_rng_state(rng[ctx.rank], device)
+    elif ctx.rank == 0:
+        warnings.warn(f"resume: {ckpt} holds RNG states of {len(rng)} rank(s), this run has "
+                      f"{ctx.world_size}; dropout masks will differ from the uninterrupted run", stacklevel=4)
+
+
+class _Run:
+    """The state of one training run: optimizer, schedule, data order, the (DDP-wrapped) model."""
+
+    def __init__(self, model, dataset, ctx, device, batch_size, grad_accum, lr, weight_decay, warmup_steps,
+                 max_grad_norm, seed, autocast, saved) -> None:
+        self.model, self.dataset, self.ctx, self.device = model, dataset, ctx, device
+        self.batch_size, self.grad_accum, self.max_grad_norm = batch_size, grad_accum, max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
+        self.start = 0
         if saved is not None:
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            start = saved["step"]
-            result.losses = list(saved["losses"])
-        amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
-               else contextlib.nullcontext())
-        per_step = batch_size * ctx.world_size * grad_accum
-        order = _DataOrder(n_examples, seed, position=start * per_step)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.start = saved["step"]
+        self.amp = autocast
+        self.order = _DataOrder(len(dataset), seed, position=self.start * batch_size * ctx.world_size * grad_accum)
 
-        train_model = _wrap_ddp(model, device) if ctx.world_size > 1 else model
-        was_training = model.training
-        model.train()
-        if saved is not None:
-            rng = saved["rng"]
-            if ctx.rank < len(rng) and len(rng) == ctx.world_size:
-                _set_rng_state(rng[ctx.rank], device)
-            elif rank0:
-                warnings.warn(f"resume: {result.resumed_from} holds RNG states of {len(rng)} rank(s), this run has "
-                              f"{ctx.world_size}; dropout masks will differ from the uninterrupted run", stacklevel=2)
+    def autocast(self):
+        return (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
+                else contextlib.nullcontext())
 
-        from tqdm.auto import tqdm
+    def next_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's ``grad_accum`` micro-batches of the next optimizer step."""
+        batches = []
+        lo, hi = self.ctx.rank * self.batch_size, (self.ctx.rank + 1) * self.batch_size
+        for _ in range(self.grad_accum):
+            global_idx = self.order.take(self.batch_size * self.ctx.world_size)
+            batches.append(_collate(self.dataset, global_idx[lo:hi], self.device))
+        return batches
 
-        bar = tqdm(total=steps, initial=start, desc="finetune", unit="step",
-                   disable=not (progress and rank0) or None)
-        tokens = 0
-        t0 = time.perf_counter()
-        try:
-            for step in range(start, steps):
-                batches = []
-                for _ in range(grad_accum):
-                    global_idx = order.take(batch_size * ctx.world_size)
-                    batches.append(_collate(dataset, global_idx[ctx.rank * batch_size:(ctx.rank + 1) * batch_size],
-                                            device))
-                counts = torch.tensor([
-                    sum(int((_labels_of(b)[:, 1:] != IGNORE_INDEX).sum()) for b in batches),
-                    sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                        for b in batches),
-                ], dtype=torch.int64, device=device)
-                if ctx.world_size > 1:
-                    dist.all_reduce(counts)
-                n_targets, n_tokens = int(counts[0]), int(counts[1])
-                if n_targets == 0:
-                    raise ValueError(f"step {step + 1}: no token to predict in the batch (every label is -100)")
-                loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-                for i, b in enumerate(batches):
-                    last = i == grad_accum - 1
-                    sync = contextlib.nullcontext() if last or ctx.world_size == 1 else train_model.no_sync()
-                    with sync:
-                        inputs = {"input_ids": b["input_ids"]}
-                        if "attention_mask" in b:
-                            inputs["attention_mask"] = b["attention_mask"]
-                        with amp:
-                            logits = train_model(**inputs).logits
-                        nll, _ = token_nll_sum(logits, _labels_of(b))
-                        # DDP averages gradients over ranks; scaling by world_size
-                        # makes the result the gradient of the global token mean.
-                        (nll * (ctx.world_size / n_targets)).backward()
-                    loss_sum += nll.detach()
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ctx.world_size > 1:
-                    dist.all_reduce(loss_sum)
-                loss = loss_sum.item() / n_targets
-                result.losses.append(loss)
-                tokens += n_tokens
-                done = step + 1
-                result.steps_done = done
-                elapsed = time.perf_counter() - t0
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
-                if out is not None and ((save_every and done % save_every == 0) or done == steps):
-                    states = [_rng_state(device)]
-                    if ctx.world_size > 1:
-                        states = [None] * ctx.world_size
-                        dist.all_gather_object(states, _rng_state(device))
-                    if rank0:
-                        state = {"step": done, "losses": list(result.losses), "samples_seen": order.position,
-                                 "settings": settings, "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "rng": states}
-                        result.checkpoint = _save_checkpoint(out, done, model, state)
-                    if ctx.world_size > 1:
-                        dist.barrier()
-        finally:
-            bar.close()
-            model.train(was_training)
-            # DDP's reducer holds the process group: release it while the group
-            # still exists (tearing it down afterwards can hang the rank).
-            del train_model
+    def step(self, train_model: nn.Module, step: int) -> tuple[float, int]:
+        """One optimizer step; returns (mean token NLL of the global batch, input tokens of all ranks)."""
+        ctx = self.ctx
+        batches = self.next_batches()
+        counts = torch.tensor([
+            sum(int((_labels_of(b)[:, 1:] != IGNORE_INDEX).sum()) for b in batches),
+            sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                for b in batches),
+        ], dtype=torch.int64, device=self.device)
+        if ctx.world_size > 1:
+            dist.all_reduce(counts)
+        n_targets, n_tokens = int(counts[0]), int(counts[1])
+        if n_targets == 0:
+            raise ValueError(f"step {step + 1}: no token to predict in the batch (every label is -100)")
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, b in enumerate(batches):
+            last = i == self.grad_accum - 1
+            sync = contextlib.nullcontext() if last or ctx.world_size == 1 else train_model.no_sync()
+            with sync:
+                inputs = {"input_ids": b["input_ids"]}
+                if "attention_mask" in b:
+                    inputs["attention_mask"] = b["attention_mask"]
+                with self.autocast():
+                    logits = train_model(**inputs).logits
+                nll, _ = token_nll_sum(logits, _labels_of(b))
+                # DDP averages gradients over ranks; scaling by world_size
+                # makes the result the gradient of the global token mean.
+                (nll * (ctx.world_size / n_targets)).backward()
+            loss_sum += nll.detach()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if ctx.world_size > 1:
+            dist.all_reduce(loss_sum)
+        return loss_sum.item() / n_targets, n_tokens
+
+    def save(self, out: Path, done: int, losses: list[float], settings: dict) -> Optional[Path]:
+        """Rank 0 writes ``checkpoint-{done:06d}`` with every rank's RNG state; all ranks wait for it."""
+        ctx = self.ctx
+        states = [_rng_state(self.device)]
+        if ctx.world_size > 1:
+            states = [None] * ctx.world_size
+            dist.all_gather_object(states, _rng_state(self.device))
+        path = None
+        if ctx.rank == 0:
+            state = {"step": done, "losses": list(losses), "samples_seen": self.order.position,
+                     "settings": settings, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng": states}
+            path = _save_checkpoint(out, done, self.model, state)
         if ctx.world_size > 1:
             dist.barrier()
-        result.steps_done = max(result.steps_done, start)
-        result.elapsed = time.perf_counter() - t0
-        result.tokens_per_second = tokens / result.elapsed if result.elapsed > 0 else 0.0
-        if out is not None:
-            result.checkpoint = latest_checkpoint(out)
-            if loss_plot and rank0 and result.losses:
-                result.plot_path = _plot_losses(result.losses, out / LOSS_PLOT_NAME)
-        return result
+        return path
+
+
+def _train_loop(run: _Run, steps: int, out: Optional[Path], save_every: int, settings: dict, show: bool,
+                result: TrainResult) -> None:
+    """Steps ``run.start`` .. ``steps``, with progress, tokens/s and checkpoints; fills ``result``."""
+    from tqdm.auto import tqdm
+
+    model, ctx = run.model, run.ctx
+    train_model = _wrap_ddp(model, run.device) if ctx.world_size > 1 else model
+    was_training = model.training
+    model.train()
+    bar = tqdm(total=steps, initial=run.start, desc="finetune", unit="step", disable=not show or None)
+    tokens = 0
+    t0 = time.perf_counter()
+    try:
+        for step in range(run.start, steps):
+            loss, n_tokens = run.step(train_model, step)
+            result.losses.append(loss)
+            tokens += n_tokens
+            done = step + 1
+            result.steps_done = done
+            elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+            if out is not None and ((save_every and done % save_every == 0) or done == steps):
+                path = run.save(out, done, result.losses, settings)
+                if path is not None:
+                    result.checkpoint = path
     finally:
-        if undo_checkpointing is not None:
-            undo_checkpointing()
-        if old_use_cache is not None:
-            config.use_cache = old_use_cache
-        if ctx.created:
-            dist.destroy_process_group()
+        bar.close()
+        model.train(was_training)
+        # DDP's reducer holds the process group: release it while the group
+        # still exists (tearing it down afterwards can hang the rank).
+        del train_model
+    if ctx.world_size > 1:
+        dist.barrier()
+    result.steps_done = max(result.steps_done, run.start)
+    result.elapsed = time.perf_counter() - t0
+    result.tokens_per_second = tokens / result.elapsed if result.elapsed > 0 else 0.0
