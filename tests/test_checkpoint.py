@@ -490,3 +490,22 @@ def test_adapter_save_is_atomic(tmp_path, monkeypatch):
         qe.save_adapter(model, out)
     assert (out / "adapter_model.safetensors").read_bytes() == before
     assert _leftovers(out) == []
+
+
+def test_load_adapter_checks_every_layer_before_changing_any(tmp_path):
+    """A bad dropout on the LAST layer must leave every layer as it was (the docstring's promise)."""
+    import json
+
+    torch.manual_seed(15)
+    _, model, _, _ = _make(3, adapters=True, rank=4)
+    qe.save_adapter(model, tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    last = cfg["target_modules"][-1]
+    cfg["layers"][last]["dropout"] = 1.5
+    cfg_path.write_text(json.dumps(cfg))
+    _, target, _, _ = _make(3, adapters=False)
+    before = {n: type(m) for n, m in target.named_modules()}
+    with pytest.raises(CheckpointError, match=f"layer '{last}': dropout must be in"):
+        qe.load_adapter(target, tmp_path / "ad", verify=False)
+    assert {n: type(m) for n, m in target.named_modules()} == before

@@ -190,12 +190,7 @@ class QALoRALinear(nn.Module):
         super().__init__()
         if not isinstance(quant_linear, QuantLinear):
             raise TypeError(f"QALoRALinear wraps a QuantLinear; got {type(quant_linear).__name__}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1; got {rank!r}")
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"alpha must be finite; got {alpha!r}")
+        self.check_hyperparameters(rank, alpha, dropout)
         self.base = quant_linear
         self.rank = rank
         self.alpha = float(alpha)
@@ -206,6 +201,20 @@ class QALoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, groups, dtype=torch.float32, device=device))
         self.lora_B = nn.Parameter(torch.zeros(quant_linear.out_features, rank, dtype=torch.float32, device=device))
         self.reset_adapter()
+
+    @staticmethod
+    def check_hyperparameters(rank, alpha, dropout) -> None:
+        """rank an integer >= 1, alpha finite, dropout in [0, 1): ValueError naming the one that is not."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1; got {rank!r}")
+        try:
+            dropout_f, alpha_f = float(dropout), float(alpha)
+        except (TypeError, ValueError):
+            raise ValueError(f"alpha and dropout must be numbers; got alpha={alpha!r}, dropout={dropout!r}") from None
+        if not (0.0 <= dropout_f < 1.0):
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        if not math.isfinite(alpha_f):
+            raise ValueError(f"alpha must be finite; got {alpha!r}")
 
     @staticmethod
     def scaling_for(rank: int, alpha: float, use_rslora: bool) -> float:

@@ -118,6 +118,21 @@ def load_adapter(model: nn.Module, directory: PathLike, *, verify: bool = True) 
     another quantization.
     """
     directory = Path(os.path.realpath(os.fspath(directory)))
+    cfg, cfg_path = _read_adapter_config(directory)
+    verify_files(directory, cfg.get("files"), verify)
+    targets = cfg.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise CheckpointError(f"{cfg_path}: target_modules lists no layers")
+    tensors = _load_adapter_tensors(directory, targets)
+    # Every layer is planned (and every value checked) before any layer changes.
+    plan = [_plan_layer(model, name, cfg, cfg_path, tensors) for name in targets]
+    for name, layer, base, lc, A, B in plan:
+        _apply_layer(model, name, layer, base, lc, A, B)
+    freeze_all_but_adapters(model)
+    return model
+
+
+def _read_adapter_config(directory: Path) -> tuple[dict, Path]:
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such adapter directory{missing_dir_hint(directory)}")
     cfg_path = directory / ADAPTER_CONFIG_NAME
@@ -133,12 +148,10 @@ def load_adapter(model: nn.Module, directory: PathLike, *, verify: bool = True) 
     if cfg.get("pooling") != "mean":
         raise CheckpointError(f"{cfg_path}: pooling is {cfg.get('pooling')!r}; only 'mean' pooling is supported "
                               f"(SPEC: an importer converts other conventions)")
-    verify_files(directory, cfg.get("files"), verify)
-    targets = cfg.get("target_modules")
-    layers_cfg = cfg.get("layers") or {}
-    if not isinstance(targets, list) or not targets:
-        raise CheckpointError(f"{cfg_path}: target_modules lists no layers")
+    return cfg, cfg_path
 
+
+def _load_adapter_tensors(directory: Path, targets: list) -> dict:
     tensors = load_file(str(directory / ADAPTER_WEIGHTS_NAME), device="cpu")
     want = {f"{n}.{p}" for n in targets for p in ("lora_A", "lora_B")}
     if set(tensors) != want:
@@ -146,59 +159,67 @@ def load_adapter(model: nn.Module, directory: PathLike, *, verify: bool = True) 
         raise CheckpointError(f"{directory / ADAPTER_WEIGHTS_NAME}: tensors do not match target_modules"
                               + (f"; missing: {short_list(missing)}" if missing else "")
                               + (f"; unexpected: {short_list(extra)}" if extra else ""))
+    return tensors
 
-    plan = []
-    for name in targets:
-        lc = dict(layers_cfg.get(name) or {})
-        for key, fallback in (("rank", "rank"), ("alpha", "alpha"), ("dropout", "dropout"),
-                              ("use_rslora", "use_rslora"), ("group_size", "group_size")):
-            if lc.get(key) is None:
-                lc[key] = cfg.get(fallback)
-        if any(lc[k] is None for k in ("rank", "alpha", "dropout", "use_rslora", "group_size")):
-            raise CheckpointError(f"{cfg_path}: layer {name!r} has incomplete hyper-parameters {lc}")
-        if lc.get("pooling", "mean") != "mean":
-            raise CheckpointError(f"{cfg_path}: layer {name!r} pooling is {lc['pooling']!r}; only 'mean' is supported")
-        layer = _get_module(model, name)
-        if layer is None:
-            raise CheckpointError(f"load_adapter: the model has no layer {name!r} (an adapter target)")
-        if not isinstance(layer, (QuantLinear, QALoRALinear)):
-            raise CheckpointError(f"load_adapter: layer {name!r} is a {type(layer).__name__}, not a quantized layer; "
-                                  f"quantize the model (quantize_model / load_quantized) first")
-        base = layer.base if isinstance(layer, QALoRALinear) else layer
-        if base.group_size != lc["group_size"]:
-            raise CheckpointError(f"load_adapter: layer {name!r} is quantized with group_size={base.group_size} but "
-                                  f"the adapter was trained with group_size={lc['group_size']}: its pooling groups "
-                                  f"must be the quantization groups")
-        rank = int(lc["rank"])
-        A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
-        wantA = (rank, base.in_features // base.group_size)
-        wantB = (base.out_features, rank)
-        if tuple(A.shape) != wantA or tuple(B.shape) != wantB:
-            raise CheckpointError(f"load_adapter: layer {name!r}: adapter shapes A {tuple(A.shape)}, B {tuple(B.shape)} "
-                                  f"do not fit the layer (expected A {wantA}, B {wantB})")
-        want_scaling = QALoRALinear.scaling_for(rank, lc["alpha"], lc["use_rslora"])
-        if "scaling" in lc and not math.isclose(want_scaling, float(lc["scaling"]),
-                                                rel_tol=1e-6):
-            raise CheckpointError(f"{cfg_path}: layer {name!r}: scaling {lc['scaling']} does not match alpha/rank")
-        if lc.get("bits") is not None and lc["bits"] != base.bits:
-            warnings.warn(f"load_adapter: layer {name!r} is INT{base.bits} but the adapter was trained on "
-                          f"INT{lc['bits']}", stacklevel=2)
-        plan.append((name, layer, base, lc, A, B))
 
-    for name, layer, base, lc, A, B in plan:
-        rank, alpha, dropout, rs = int(lc["rank"]), float(lc["alpha"]), float(lc["dropout"]), bool(lc["use_rslora"])
-        dev = base.packed.device
-        if isinstance(layer, QALoRALinear) and layer.rank == rank:
-            with torch.no_grad():
-                layer.lora_A.copy_(A.to(dev, torch.float32))
-                layer.lora_B.copy_(B.to(dev, torch.float32))
-            layer.alpha, layer.dropout, layer.use_rslora = alpha, dropout, rs
-        else:
-            new = QALoRALinear(base, rank, alpha, dropout, rs)
-            with torch.no_grad():
-                new.lora_A.copy_(A.to(dev, torch.float32))
-                new.lora_B.copy_(B.to(dev, torch.float32))
-            new.train(layer.training)
-            _set_child(model, name, new)
-    freeze_all_but_adapters(model)
-    return model
+def _plan_layer(model: nn.Module, name: str, cfg: dict, cfg_path: Path, tensors: dict) -> tuple:
+    """``(name, layer, base, hyper-parameters, A, B)`` of one target, every value checked."""
+    layers_cfg = cfg.get("layers") or {}
+    lc = dict(layers_cfg.get(name) or {})
+    for key, fallback in (("rank", "rank"), ("alpha", "alpha"), ("dropout", "dropout"),
+                          ("use_rslora", "use_rslora"), ("group_size", "group_size")):
+        if lc.get(key) is None:
+            lc[key] = cfg.get(fallback)
+    if any(lc[k] is None for k in ("rank", "alpha", "dropout", "use_rslora", "group_size")):
+        raise CheckpointError(f"{cfg_path}: layer {name!r} has incomplete hyper-parameters {lc}")
+    if lc.get("pooling", "mean") != "mean":
+        raise CheckpointError(f"{cfg_path}: layer {name!r} pooling is {lc['pooling']!r}; only 'mean' is supported")
+    layer = _get_module(model, name)
+    if layer is None:
+        raise CheckpointError(f"load_adapter: the model has no layer {name!r} (an adapter target)")
+    if not isinstance(layer, (QuantLinear, QALoRALinear)):
+        raise CheckpointError(f"load_adapter: layer {name!r} is a {type(layer).__name__}, not a quantized layer; "
+                              f"quantize the model (quantize_model / load_quantized) first")
+    base = layer.base if isinstance(layer, QALoRALinear) else layer
+    if base.group_size != lc["group_size"]:
+        raise CheckpointError(f"load_adapter: layer {name!r} is quantized with group_size={base.group_size} but "
+                              f"the adapter was trained with group_size={lc['group_size']}: its pooling groups "
+                              f"must be the quantization groups")
+    try:
+        QALoRALinear.check_hyperparameters(lc["rank"], lc["alpha"], lc["dropout"])
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: layer {name!r}: {e}") from e
+    rank = int(lc["rank"])
+    A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+    wantA = (rank, base.in_features // base.group_size)
+    wantB = (base.out_features, rank)
+    if tuple(A.shape) != wantA or tuple(B.shape) != wantB:
+        raise CheckpointError(f"load_adapter: layer {name!r}: adapter shapes A {tuple(A.shape)}, B {tuple(B.shape)} "
+                              f"do not fit the layer (expected A {wantA}, B {wantB})")
+    want_scaling = QALoRALinear.scaling_for(rank, lc["alpha"], lc["use_rslora"])
+    if "scaling" in lc and not math.isclose(want_scaling, float(lc["scaling"]),
+                                            rel_tol=1e-6):
+        raise CheckpointError(f"{cfg_path}: layer {name!r}: scaling {lc['scaling']} does not match alpha/rank")
+    if lc.get("bits") is not None and lc["bits"] != base.bits:
+        warnings.warn(f"load_adapter: layer {name!r} is INT{base.bits} but the adapter was trained on "
+                      f"INT{lc['bits']}", stacklevel=3)
+    return name, layer, base, lc, A, B
+
+
+def _apply_layer(model: nn.Module, name: str, layer: nn.Module, base: QuantLinear, lc: dict,
+                 A: torch.Tensor, B: torch.Tensor) -> None:
+    """Copy into an adapter of the same rank (an optimizer holding it keeps working), else wrap anew."""
+    rank, alpha, dropout, rs = int(lc["rank"]), float(lc["alpha"]), float(lc["dropout"]), bool(lc["use_rslora"])
+    dev = base.packed.device
+    if isinstance(layer, QALoRALinear) and layer.rank == rank:
+        with torch.no_grad():
+            layer.lora_A.copy_(A.to(dev, torch.float32))
+            layer.lora_B.copy_(B.to(dev, torch.float32))
+        layer.alpha, layer.dropout, layer.use_rslora = alpha, dropout, rs
+    else:
+        new = QALoRALinear(base, rank, alpha, dropout, rs)
+        with torch.no_grad():
+            new.lora_A.copy_(A.to(dev, torch.float32))
+            new.lora_B.copy_(B.to(dev, torch.float32))
+        new.train(layer.training)
+        _set_child(model, name, new)

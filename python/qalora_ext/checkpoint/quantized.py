@@ -406,7 +406,8 @@ def load_quantized(directory: PathLike, model: Optional[nn.Module] = None, devic
     device = torch.device(device)
     config, qc = _read_quant_config(directory, verify)
     tied = qc.get("tied", {})
-    if not isinstance(tied, dict) or not isinstance(qc.get("tied_modules", {}), dict):
+    tied_modules = qc.get("tied_modules", {})
+    if not isinstance(tied, dict) or not isinstance(tied_modules, dict):
         raise CheckpointError(f"{directory}: 'tied' / 'tied_modules' in quantization_config must be objects")
     if model is None:
         from ..loading.transformers_model import build_transformers_model
@@ -415,8 +416,30 @@ def load_quantized(directory: PathLike, model: Optional[nn.Module] = None, devic
 
     # Validate everything against the model before changing it, so a checkpoint
     # that does not fit leaves the model as it was.
+    new_layers = _plan_layers(model, qc["modules"], tied_modules)
+    files = [f for f in qc["files"] if f.endswith(".safetensors")]
+    file_shapes = _stored_shapes(directory, files, qc["files"], tied)
+    _check_state_fits(directory, model, new_layers, tied_modules, tied, file_shapes)
+
+    for name, layer in new_layers.items():
+        _set_child(model, name, layer)
+    for alias, source in tied_modules.items():
+        _set_child(model, alias, new_layers[source])
+    _assign_tensors(directory, model, files, device)
+    _retie(model, tied)
+    _check_loaded(directory, model, qc["modules"])
+    if any(isinstance(m, QALoRALinear) for m in model.modules()):
+        # As after add_adapters: only the adapters train (freshly built modules
+        # and load_state_dict(assign=True) leave every parameter trainable).
+        freeze_all_but_adapters(model)
+    model.to(device)
+    return model.eval()
+
+
+def _plan_layers(model: nn.Module, modules: dict, tied_modules: dict) -> dict[str, nn.Module]:
+    """The empty (meta) packed layers the checkpoint's module table describes, checked against ``model``."""
     new_layers: dict[str, nn.Module] = {}
-    for name, entry in qc["modules"].items():
+    for name, entry in modules.items():
         if not isinstance(entry, dict):
             raise CheckpointError(f"module {name!r}: bad entry in quantization_config")
         current = _get_module(model, name) if name else None
@@ -431,12 +454,14 @@ def load_quantized(directory: PathLike, model: Optional[nn.Module] = None, devic
             raise CheckpointError(f"layer {name!r}: the model has in/out features {shape}, the checkpoint "
                                   f"{(entry.get('in_features'), entry.get('out_features'))}")
         new_layers[name] = _build_layer(name, entry)
-    tied_modules = qc.get("tied_modules", {})
     for alias, source in tied_modules.items():
         if source not in new_layers or not alias or _get_module(model, alias) is None:
             raise CheckpointError(f"shared layer {alias!r} -> {source!r} does not fit the model")
+    return new_layers
 
-    files = [f for f in qc["files"] if f.endswith(".safetensors")]
+
+def _stored_shapes(directory: Path, files: list[str], recorded: dict, tied: dict) -> dict[str, tuple]:
+    """``{tensor name: shape}`` from the safetensors headers (no data read), index and ties checked."""
     file_shapes: dict[str, tuple] = {}
     file_of: dict[str, str] = {}
     for fname in files:
@@ -446,15 +471,19 @@ def load_quantized(directory: PathLike, model: Optional[nn.Module] = None, devic
                     raise CheckpointError(f"{directory}: tensor {k!r} is in both {file_of[k]} and {fname}")
                 file_of[k] = fname
                 file_shapes[k] = tuple(f.get_slice(k).get_shape())
-    if WEIGHTS_INDEX_NAME in qc["files"]:
+    if WEIGHTS_INDEX_NAME in recorded:
         index = read_json(directory / WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
         if index.get("weight_map") != file_of:
             raise CheckpointError(f"{directory}: {WEIGHTS_INDEX_NAME} does not match the shards' contents")
     bad_ties = {a: s for a, s in tied.items() if s not in file_of}
     if bad_ties:
         raise CheckpointError(f"{directory}: tied aliases point at tensors not in the checkpoint: {bad_ties}")
+    return file_shapes
 
-    # The model's state-dict shapes as they will be once the layers are replaced.
+
+def _check_state_fits(directory: Path, model: nn.Module, new_layers: dict[str, nn.Module], tied_modules: dict,
+                      tied: dict, file_shapes: dict[str, tuple]) -> None:
+    """The stored names and shapes are exactly the model's once its layers are replaced (strict load)."""
     replaced = set(new_layers) | set(tied_modules)
     expected: dict[str, tuple] = {}
     for k, t in model.state_dict(keep_vars=True).items():
@@ -464,8 +493,8 @@ def load_quantized(directory: PathLike, model: Optional[nn.Module] = None, devic
     for prefix, source in (*((n, n) for n in new_layers), *tied_modules.items()):
         for k, t in new_layers[source].state_dict(keep_vars=True).items():
             expected[f"{prefix}.{k}"] = tuple(t.shape)
-    missing = set(expected) - set(file_of) - set(tied)
-    unexpected = (set(file_of) | set(tied)) - set(expected)
+    missing = set(expected) - set(file_shapes) - set(tied)
+    unexpected = (set(file_shapes) | set(tied)) - set(expected)
     if missing or unexpected:
         msg = [f"{directory}: the checkpoint does not fit the model"]
         if missing:
@@ -473,15 +502,13 @@ def load_quantized(directory: PathLike, model: Optional[nn.Module] = None, devic
         if unexpected:
             msg.append(f"unexpected keys ({len(unexpected)}): {short_list(unexpected)}")
         raise CheckpointError("; ".join(msg))
-    wrong = [f"{k} {file_shapes[k]} vs {expected[k]}" for k in file_of if file_shapes[k] != expected[k]]
+    wrong = [f"{k} {shape} vs {expected[k]}" for k, shape in file_shapes.items() if shape != expected[k]]
     if wrong:
         raise CheckpointError(f"{directory}: tensor shapes do not fit the model (file vs model): {short_list(wrong)}")
 
-    for name, layer in new_layers.items():
-        _set_child(model, name, layer)
-    for alias, source in tied_modules.items():
-        _set_child(model, alias, new_layers[source])
 
+def _assign_tensors(directory: Path, model: nn.Module, files: list[str], device: torch.device) -> None:
+    """Read each file once and assign its tensors into the model (no copy into the old tensors)."""
     load_device = str(device) if device.type != "meta" else "cpu"
     for fname in files:
         tensors = load_file(str(directory / fname), device=load_device)
@@ -490,25 +517,21 @@ def load_quantized(directory: PathLike, model: Optional[nn.Module] = None, devic
         except RuntimeError as e:
             raise CheckpointError(f"{directory / fname}: {e}") from e
         del tensors
-    _retie(model, tied)
 
+
+def _check_loaded(directory: Path, model: nn.Module, modules: dict) -> None:
+    """Nothing left on meta, and every packed layer holds the storage dtypes its entry declares."""
     left = [n for n, t in (*model.named_parameters(remove_duplicate=False),
                            *model.named_buffers(remove_duplicate=False)) if t.is_meta]
     if left:
         raise CheckpointError(f"{directory}: tensors left unloaded (still on the meta device): {short_list(left)}")
-    for name, entry in qc["modules"].items():
+    for name, entry in modules.items():
         layer = model.get_submodule(name)
         base = layer.base if isinstance(layer, QALoRALinear) else layer
         got = (dtype_name(base.scale.dtype), dtype_name(base.zero.dtype))
         if got != (entry["scale_dtype"], entry["zero_dtype"]):
             raise CheckpointError(f"layer {name!r}: stored scale/zero dtypes {got} differ from the config's "
                                   f"{(entry['scale_dtype'], entry['zero_dtype'])}")
-    if any(isinstance(m, QALoRALinear) for m in model.modules()):
-        # As after add_adapters: only the adapters train (freshly built modules
-        # and load_state_dict(assign=True) leave every parameter trainable).
-        freeze_all_but_adapters(model)
-    model.to(device)
-    return model.eval()
 
 
 def save_model(model: nn.Module, tokenizer, out: PathLike) -> Path:
