@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..format import FORMAT_VERSION, KNOWN_LAYOUTS, LAYOUT_CANONICAL
-from ..model import freeze_all_but_adapters, set_module
+from ..model import freeze_all_but_adapters, quantized_layers, set_module
 from ..nn import QALoRALinear, QuantLinear
 from .files import (
     CheckpointError,
@@ -107,27 +107,14 @@ def quantized_modules(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str,
     two names (shared weights) is recorded once plus an alias, so a load can
     share it again instead of building two.
     """
-    entries = list(model.named_modules(remove_duplicate=False))
-    wrappers = {n for n, m in entries if isinstance(m, QALoRALinear)}
-    modules: dict[str, nn.Module] = {}
+    modules = quantized_layers(model)
+    if "" in modules:
+        raise ValueError("the model itself is a quantized layer; save a module that contains it")
+    first = {id(m): n for n, m in modules.items()}
     tied: dict[str, str] = {}
-    first: dict[int, str] = {}
-    for name, m in entries:
-        if isinstance(m, QALoRALinear):
-            pass
-        elif isinstance(m, QuantLinear):
-            parent, _, leaf = name.rpartition(".")
-            if leaf == "base" and (parent in wrappers) and isinstance(_get_module(model, parent), QALoRALinear):
-                continue
-        else:
-            continue
-        if id(m) in first:
+    for name, m in model.named_modules(remove_duplicate=False):
+        if id(m) in first and name != first[id(m)]:
             tied[name] = first[id(m)]
-            continue
-        if name == "":
-            raise ValueError("the model itself is a quantized layer; save a module that contains it")
-        first[id(m)] = name
-        modules[name] = m
     return modules, tied
 
 
