@@ -5,21 +5,59 @@ quantized model IS the source: its projections come from GGUF Q4_1, which is
 that format), RTN base, 40 steps of QA-LoRA on the training part of Python's
 documentation, merged into the zeros, saved, reloaded from disk, evaluated on
 the held-out part and asked a question.
+
+:func:`run_demo` is the job with plain arguments (callable from Python; it
+prints as it goes and returns a :class:`DemoResult`); :func:`run` is the
+command: its arguments in, :func:`run_demo` called.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["run_demo", "Phases"]
+from . import common
+
+__all__ = ["run_demo", "DemoResult", "Phases"]
+
+NAME = "demo"
+HELP = "the whole job, timed: quantize, fine-tune, merge, evaluate, generate"
+DESCRIPTION = ("Quantize SmolLM2 (or --model), measure held-out perplexity, fine-tune QA-LoRA adapters, merge them "
+               "into the zeros, save, reload, measure again and generate. Prints the time of each phase.")
+DEFAULT_PROMPT = "Explain what the Python keyword `yield` does."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_model_arg(p)
+    common.add_quant_args(p)
+    p.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    p.add_argument("--batch-size", type=int, default=4, help="default 4")
+    p.add_argument("--seq-len", type=int, default=256, help="default 256")
+    p.add_argument("--rank", type=int, default=16, help="default 16")
+    p.add_argument("--alpha", type=float, default=16, help="default 16")
+    p.add_argument("--lr", type=float, default=1e-3, help="default 1e-3")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    # Half of `qalora eval`'s windows: the demo measures perplexity three times (source, quantized, merged) and
+    # is meant to finish in minutes on a laptop CPU.
+    common.add_eval_args(p, windows=8)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt of the sample generation")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the merged model goes (default runs/demo)")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(args.model, **common.quant_options(args), steps=args.steps, batch_size=args.batch_size,
+             seq_len=args.seq_len, rank=args.rank, alpha=args.alpha, lr=args.lr, seed=args.seed,
+             windows=args.windows, window=args.window, prompt=args.prompt, out=args.out)
+    return 0
 
 
 @dataclass
@@ -46,89 +84,149 @@ class Phases:
         return "\n".join(rows)
 
 
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` measured. ``adapter_lost``: the largest fraction of an adapter lost at merge."""
+
+    model_name: str
+    label: str
+    source_perplexity: float
+    quantized_perplexity: float
+    merged_perplexity: float
+    losses: list
+    adapter_lost: float
+    out: Path
+    reply: str
+    phases: Phases
+    wall_time: float
+
+    @property
+    def gap_closed(self) -> float:
+        """The fraction of the quantization's perplexity increase the fine-tuning took back."""
+        gap = self.quantized_perplexity - self.source_perplexity
+        return (self.quantized_perplexity - self.merged_perplexity) / max(gap, 1e-9)
 
 
-def run_demo(args) -> int:
-    from .. import build_info
-    from ..training import data
-    from .. import loading
-    from .. import generation
-    from ..checkpoint.quantized import save_model
-    from ..training import finetune
+def run_demo(model: Optional[str] = None, *, bits: int = 3, group_size: int = 32, method: str = "rtn",
+             scale_dtype: torch.dtype = torch.float16, zero_dtype: torch.dtype = torch.float32,
+             calib_samples: int = 128, calib_seq_len: int = 256, steps: int = 40, batch_size: int = 4,
+             seq_len: int = 256, rank: int = 16, alpha: float = 16.0, lr: float = 1e-3, seed: int = 0,
+             windows: int = 8, window: int = 512, prompt: str = DEFAULT_PROMPT,
+             out: str = "runs/demo") -> DemoResult:
+    """Quantize ``model`` (default SmolLM2), fine-tune QA-LoRA adapters, merge, save, reload, evaluate, generate.
+
+    Prints each phase with its time and a summary at the end; perplexities
+    are measured on ``windows`` windows of ``window`` tokens of the held-out
+    part of Python's pydoc topics (the adapters train on the rest).
+    """
+    from .. import generation, loading
     from ..checkpoint import load_quantized
-    from ..model import add_adapters, merge_adapters
 
     t_start = time.perf_counter()
     phases = Phases()
+    _print_build()
+    label = f"INT{bits} G{group_size} ({method.upper()})"
+    eval_kw = dict(num_windows=windows, window=window)
+    folder, tokenizer, train_text, heldout_text, ppl_source = _load_and_measure_source(model, phases, eval_kw)
+    with phases(f"quantize {label}"):
+        lm, _, _ = loading.quantize(folder, bits, group_size, method, scale_dtype, zero_dtype,
+                                    calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_text=train_text,
+                                    seed=seed)
+    ppl_quant = _perplexity(phases, "quantized", "quantized", lm, tokenizer, heldout_text, eval_kw)
+    losses = _finetune(phases, lm, tokenizer, steps=steps, batch_size=batch_size, seq_len=seq_len, rank=rank,
+                       alpha=alpha, lr=lr, seed=seed)
+    saved, lost = _merge_and_save(phases, lm, tokenizer, out)
+    del lm
+    gc.collect()
+    with phases("reload merged model"):
+        merged = load_quantized(saved)
+    ppl_merged = _perplexity(phases, "fine-tuned, merged", "merged", merged, tokenizer, heldout_text, eval_kw)
+    with phases("generate"):
+        reply = generation.generate(merged, tokenizer, prompt, max_new_tokens=48)
+    result = DemoResult(folder.name, label, ppl_source, ppl_quant, ppl_merged, losses, lost, saved, reply, phases,
+                        time.perf_counter() - t_start)
+    _print_summary(result, bits=bits, rank=rank, steps=steps, windows=windows, window=window, prompt=prompt)
+    return result
+
+
+def _print_build() -> None:
+    from .. import build_info
+
     info = build_info()
     print(f"[qalora] qalora_ext {info['version']}, torch {info['torch']}, CPU kernels {info['cpu_isa_active']}, "
           f"{torch.get_num_threads()} threads")
-    label = f"INT{args.bits} G{args.group_size} ({args.method.upper()})"
-    eval_kw = dict(num_windows=args.windows, window=args.window)
+
+
+def _load_and_measure_source(model, phases: Phases, eval_kw: dict):
+    """``(folder, tokenizer, training text, held-out text, source perplexity)``; the float model is let go."""
+    from .. import loading
+    from ..training import data
 
     with phases("load source model"):
-        folder = loading.resolve_model(args.model)
+        folder = loading.resolve_model(model)
         source, tokenizer, _ = loading.load_model(folder)
         train_text, heldout_text = data.default_corpus_split()
-    with phases("perplexity: source"):
-        ppl_source = data.heldout_perplexity(source, tokenizer, heldout_text, **eval_kw)
-    print(f"[qalora]   source perplexity {ppl_source:.2f}")
+    ppl = _perplexity(phases, "source", "source", source, tokenizer, heldout_text, eval_kw)
     del source
     gc.collect()
+    return folder, tokenizer, train_text, heldout_text, ppl
 
-    with phases(f"quantize {label}"):
-        model, _, _ = loading.quantize(folder, args.bits, args.group_size, args.method,
-                                        getattr(torch, args.scale_dtype), getattr(torch, args.zero_dtype),
-                                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-                                        calib_text=train_text, seed=args.seed)
-    with phases("perplexity: quantized"):
-        ppl_quant = data.heldout_perplexity(model, tokenizer, heldout_text, **eval_kw)
-    print(f"[qalora]   quantized perplexity {ppl_quant:.2f}")
 
-    with phases(f"fine-tune ({args.steps} steps x {args.batch_size} x {args.seq_len} tokens)"):
-        torch.manual_seed(args.seed)
-        add_adapters(model, rank=args.rank, alpha=args.alpha)
-        dataset = data.load_training_data(None, tokenizer, args.seq_len)
-        result = finetune.finetune(model, dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                seed=args.seed, output_dir=None, progress=True, loss_plot=False)
+def _perplexity(phases: Phases, phase: str, short: str, lm, tokenizer, text: str, eval_kw: dict) -> float:
+    from ..training import data
+
+    with phases(f"perplexity: {phase}"):
+        ppl = data.heldout_perplexity(lm, tokenizer, text, **eval_kw)
+    print(f"[qalora]   {short} perplexity {ppl:.2f}")
+    return ppl
+
+
+def _finetune(phases: Phases, lm, tokenizer, *, steps: int, batch_size: int, seq_len: int, rank: int,
+              alpha: float, lr: float, seed: int) -> list:
+    from ..model import add_adapters
+    from ..training import data, finetune
+
+    with phases(f"fine-tune ({steps} steps x {batch_size} x {seq_len} tokens)"):
+        torch.manual_seed(seed)
+        add_adapters(lm, rank=rank, alpha=alpha)
+        dataset = data.load_training_data(None, tokenizer, seq_len)
+        result = finetune.finetune(lm, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                   output_dir=None, progress=True, loss_plot=False)
     print(f"[qalora]   loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, "
           f"{result.tokens_per_second:.0f} tokens/s")
+    return result.losses
+
+
+def _merge_and_save(phases: Phases, lm, tokenizer, out) -> tuple[Path, float]:
+    from ..checkpoint.quantized import save_model
+    from ..model import merge_adapters
 
     with phases("merge and save"):
-        report = merge_adapters(model)
-        out = save_model(model, tokenizer, args.out)
+        report = merge_adapters(lm)
+        saved = save_model(lm, tokenizer, out)
     lost = max(report.values())
     print(f"[qalora]   {len(report)} adapters merged; largest fraction lost to zero rounding {lost:.1e}; "
-          f"written to {out}")
-    del model
-    gc.collect()
+          f"written to {saved}")
+    return saved, lost
 
-    with phases("reload merged model"):
-        merged = load_quantized(out)
-    with phases("perplexity: fine-tuned, merged"):
-        ppl_merged = data.heldout_perplexity(merged, tokenizer, heldout_text, **eval_kw)
-    print(f"[qalora]   merged perplexity {ppl_merged:.2f}")
 
-    with phases("generate"):
-        reply = generation.generate(merged, tokenizer, args.prompt, max_new_tokens=48)
-
-    total = time.perf_counter() - t_start
-    gap = (ppl_quant - ppl_merged) / max(ppl_quant - ppl_source, 1e-9)
+def _print_summary(r: DemoResult, *, bits: int, rank: int, steps: int, windows: int, window: int,
+                   prompt: str) -> None:
+    gap = r.gap_closed
     print()
     print("=" * 72)
-    print(f"QA-LoRA demo: {folder.name}, {label}, rank {args.rank}, {args.steps} steps")
-    print(f"  held-out perplexity ({args.windows} windows x {args.window} tokens of Python's pydoc topics):")
-    print(f"    source (float)            {ppl_source:10.2f}")
-    print(f"    quantized {label:<16}{ppl_quant:10.2f}")
-    print(f"    fine-tuned, merged        {ppl_merged:10.2f}   "
+    print(f"QA-LoRA demo: {r.model_name}, {r.label}, rank {rank}, {steps} steps")
+    print(f"  held-out perplexity ({windows} windows x {window} tokens of Python's pydoc topics):")
+    print(f"    source (float)            {r.source_perplexity:10.2f}")
+    print(f"    quantized {r.label:<16}{r.quantized_perplexity:10.2f}")
+    print(f"    fine-tuned, merged        {r.merged_perplexity:10.2f}   "
           + (f"({100 * gap:.0f}% of the quantization gap closed)" if math.isfinite(gap) else ""))
-    print(f"  adapter lost to zero rounding at merge: {lost:.1e} (largest layer)")
-    print(f"  merged INT{args.bits} model: {out}  (qalora_ext.load_quantized or `qalora generate --model {out}`)")
-    print(f"  prompt: {args.prompt}")
-    print(f"  reply:  {reply}")
+    print(f"  adapter lost to zero rounding at merge: {r.adapter_lost:.1e} (largest layer)")
+    print(f"  merged INT{bits} model: {r.out}  (qalora_ext.load_quantized or `qalora generate --model {r.out}`)")
+    print(f"  prompt: {prompt}")
+    print(f"  reply:  {r.reply}")
     print("  time per phase:")
-    print(phases.table())
-    print(f"  wall time {total:.1f} s")
+    print(r.phases.table())
+    print(f"  wall time {r.wall_time:.1f} s")
     print("=" * 72)
     sys.stdout.flush()
-    return 0

