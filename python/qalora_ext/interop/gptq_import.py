@@ -63,8 +63,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..checkpoint.files import read_json
-from ..format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, packed_row_words
+from ..checkpoint.files import dtype_name, read_json
+from ..checkpoint.quantized import CONFIG_NAME, WEIGHTS_INDEX_NAME
+from ..format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, check_bits, check_group_size, packed_row_words
 from ..nn import QuantLinear
 
 __all__ = [
@@ -185,21 +186,28 @@ def decode_gptq_zeros(stored: torch.Tensor, bits: int, convention: str, v1_wrap_
 
 
 def _check_bits(bits: Any, where: str) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+    """:func:`qalora_ext.format.check_bits`, its message naming ``where`` (the file or layer) and GPTQ."""
+    try:
+        check_bits(bits)
+    except ValueError:
         raise ValueError(f"{where}: unsupported bits={bits!r}; qalora_ext imports 2-, 3- and 4-bit GPTQ layers "
-                         f"(supported: {', '.join(map(str, SUPPORTED_BITS))})")
+                         f"(supported: {', '.join(map(str, SUPPORTED_BITS))})") from None
 
 
 def _check_group_size(group_size: Any, where: str) -> None:
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise ValueError(f"{where}: group_size must be an int; got {group_size!r}")
-    if group_size == -1:
-        raise ValueError(f"{where}: group_size=-1 (one group per output channel) is not supported; qalora_ext "
-                         f"needs group_size {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (the QA-LoRA pooling "
-                         f"groups are the quantization groups). Re-quantize with one of these group sizes")
-    if group_size not in SUPPORTED_GROUP_SIZES:
+    """:func:`qalora_ext.format.check_group_size`, its message naming ``where`` and GPTQ's -1 (per channel)."""
+    try:
+        check_group_size(group_size)
+    except ValueError:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise ValueError(f"{where}: group_size must be an int; got {group_size!r}") from None
+        if group_size == -1:
+            raise ValueError(f"{where}: group_size=-1 (one group per output channel) is not supported; qalora_ext "
+                             f"needs group_size {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (the QA-LoRA pooling "
+                             f"groups are the quantization groups). Re-quantize with one of these group sizes"
+                             ) from None
         raise ValueError(f"{where}: unsupported group_size={group_size}; qalora_ext needs group_size "
-                         f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+                         f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -239,28 +247,10 @@ def _group_map(g_idx: Optional[torch.Tensor], in_features: int, group_size: int,
     return first[:, 0].clone()
 
 
-def _convert(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: Optional[torch.Tensor],
-    bits: int,
-    group_size: int,
-    convention: str = "gptq",
-    *,
-    in_features: Optional[int] = None,
-    out_features: Optional[int] = None,
-    v1_wrap_zeros: bool = True,
-    zero_dtype: torch.dtype = torch.float32,
-    name: str = "layer",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """:func:`convert_gptq_layer` plus the count of v1 zero fields at 2^b - 1 (warned about by callers)."""
-    _check_bits(bits, name)
-    _check_group_size(group_size, name)
-    convention = normalize_convention(convention)
-    if zero_dtype != torch.float32:
-        # -s*z is exact only in float32; a 16-bit zero would round it.
-        raise ValueError(f"{name}: zero_dtype must be torch.float32 for an exact GPTQ import; got {zero_dtype}")
+def _check_layer_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int,
+                         group_size: int, in_features: Optional[int], out_features: Optional[int],
+                         name: str) -> tuple[int, int, int]:
+    """Types and shapes of one GPTQ layer's tensors, checked; returns ``(N, K, groups)``."""
     for what, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {what} must be a torch.Tensor; got {type(t).__name__}")
@@ -291,6 +281,32 @@ def _convert(
                          f"{math.ceil(n * bits / 32)}) to match scales")
     if not bool(torch.isfinite(scales).all()):
         raise ValueError(f"{name}: scales contain non-finite values")
+    return n, k, groups
+
+
+def _convert(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    convention: str = "gptq",
+    *,
+    in_features: Optional[int] = None,
+    out_features: Optional[int] = None,
+    v1_wrap_zeros: bool = True,
+    zero_dtype: torch.dtype = torch.float32,
+    name: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """:func:`convert_gptq_layer` plus the count of v1 zero fields at 2^b - 1 (warned about by callers)."""
+    _check_bits(bits, name)
+    _check_group_size(group_size, name)
+    convention = normalize_convention(convention)
+    if zero_dtype != torch.float32:
+        # -s*z is exact only in float32; a 16-bit zero would round it.
+        raise ValueError(f"{name}: zero_dtype must be torch.float32 for an exact GPTQ import; got {zero_dtype}")
+    n, k, groups = _check_layer_tensors(qweight, qzeros, scales, bits, group_size, in_features, out_features, name)
 
     gmap = _group_map(g_idx, k, group_size, groups, name)
     try:
@@ -358,6 +374,25 @@ def convert_gptq_layer(
 # ---------------------------------------------------------------------------
 
 
+def _quant_configs(src: Path) -> list[tuple[str, dict]]:
+    """``[(where, quantize config)]``: the quantize config file first, then config.json's; at least one."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such GPTQ checkpoint directory")
+    found: list[tuple[str, dict]] = []
+    for fname in _QUANT_CONFIG_FILES:
+        if (src / fname).is_file():
+            found.append((fname, read_json(src / fname, "the quantize config")))
+            break
+    if (src / CONFIG_NAME).is_file():
+        qc = read_json(src / CONFIG_NAME, "the model config").get("quantization_config")
+        if isinstance(qc, dict):
+            found.append(("config.json quantization_config", qc))
+    if not found:
+        raise ValueError(f"{src}: no quantize_config.json and no quantization_config in config.json; "
+                         f"not a GPTQ checkpoint")
+    return found
+
+
 def read_gptq_config(src: PathLike) -> dict:
     """The normalized GPTQ quantize config of a checkpoint folder.
 
@@ -367,20 +402,7 @@ def read_gptq_config(src: PathLike) -> dict:
     "static_groups", "convention", "dynamic", "source"}``.
     """
     src = Path(src)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: no such GPTQ checkpoint directory")
-    found: list[tuple[str, dict]] = []
-    for fname in _QUANT_CONFIG_FILES:
-        if (src / fname).is_file():
-            found.append((fname, read_json(src / fname, "the quantize config")))
-            break
-    if (src / "config.json").is_file():
-        qc = read_json(src / "config.json", "the model config").get("quantization_config")
-        if isinstance(qc, dict):
-            found.append(("config.json quantization_config", qc))
-    if not found:
-        raise ValueError(f"{src}: no quantize_config.json and no quantization_config in config.json; "
-                         f"not a GPTQ checkpoint")
+    found = _quant_configs(src)
     source, qc = found[0]
     method = str(qc.get("quant_method", qc.get("method", "gptq")) or "gptq").lower()
     if method not in ("gptq", "gptqmodel"):
@@ -442,7 +464,7 @@ class _Tensors:
         from safetensors import safe_open
 
         self.src = src
-        index = src / "model.safetensors.index.json"
+        index = src / WEIGHTS_INDEX_NAME
         self.file_of: dict[str, Path] = {}
         if index.is_file():
             weight_map = read_json(index, "the shard index").get("weight_map")
@@ -482,109 +504,62 @@ class _Tensors:
 def _build_model(src: Path) -> nn.Module:
     from ..loading.transformers_model import build_transformers_model
 
-    cfg_path = src / "config.json"
+    cfg_path = src / CONFIG_NAME
     if not cfg_path.is_file():
         raise ValueError(f"{src}: no config.json (the transformers model config is needed to build the model)")
     return build_transformers_model(read_json(cfg_path, "the model config"), src)
 
 
-def import_gptq(
-    src: PathLike,
-    *,
-    dtype: Optional[torch.dtype] = None,
-    v1_wrap_zeros: bool = True,
-    progress: bool = True,
-    model: Optional[nn.Module] = None,
-) -> nn.Module:
-    """Read a GPTQ checkpoint folder; return the model with ``QuantLinear`` layers (float32 zeros).
+def _import_layer(model: nn.Module, name: str, qcfg: dict, tensors: _Tensors, src: Path,
+                  v1_wrap_zeros: bool) -> tuple[QuantLinear, dict, int]:
+    """One GPTQ layer as a ``QuantLinear``, its report entry, and its count of v1 zero fields at 2^b - 1."""
+    over = _dynamic_overrides(qcfg["dynamic"], name)
+    if over is None:
+        raise ValueError(f"{name}: the checkpoint has a qweight but its quantize config excludes this "
+                         f"module (dynamic '-:' rule)")
+    bits = over.get("bits", qcfg["bits"])
+    group_size = over.get("group_size", qcfg["group_size"])
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{name}: the checkpoint quantizes this layer but the model built from "
+                         f"config.json has no such module (another architecture?)") from None
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{name}: is a {type(module).__name__} in the model, not an nn.Linear; only "
+                         f"linear layers can be imported")
+    k, n = module.in_features, module.out_features
+    missing = [s for s in ("qweight", "qzeros", "scales") if f"{name}.{s}" not in tensors.file_of]
+    if missing:
+        raise ValueError(f"{name}: missing tensor(s) {', '.join(name + '.' + s for s in missing)} in {src}")
+    g_key = f"{name}.g_idx"
+    g_idx = tensors.get(g_key) if g_key in tensors.file_of else None
+    if g_idx is None and qcfg["desc_act"]:
+        raise ValueError(f"{name}: desc_act=True but the checkpoint has no {g_key}; the channel-to-group "
+                         f"map is unknown")
+    try:
+        packed, scale, zero, overflow = _convert(
+            tensors.get(f"{name}.qweight"), tensors.get(f"{name}.qzeros"), tensors.get(f"{name}.scales"),
+            g_idx, bits, group_size, qcfg["convention"], in_features=k, out_features=n,
+            v1_wrap_zeros=v1_wrap_zeros, name=name)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise type(e)(msg if msg.startswith(name) else f"{name}: {msg}") from None
+    b_key = f"{name}.bias"
+    bias = tensors.get(b_key) if b_key in tensors.file_of else None
+    if bias is None and module.bias is not None:
+        raise ValueError(f"{name}: the model's layer has a bias but the checkpoint has no {b_key}")
+    layer = QuantLinear(k, n, bits, group_size, bias=bias is not None, scale_dtype=scale.dtype,
+                        zero_dtype=torch.float32, device="meta")
+    layer.load_packed(packed, scale, zero, bias)
+    entry = {"bits": bits, "group_size": group_size, "in_features": k, "out_features": n,
+             "scale_dtype": dtype_name(scale.dtype), "g_idx": "none" if g_idx is None else "contiguous"}
+    return layer, entry, overflow
 
-    ``src``: an AutoGPTQ / GPTQModel folder (``config.json``, the quantize
-    config, ``*.safetensors`` in one file or shards with an index). Every layer
-    with a ``qweight`` becomes a ``QuantLinear`` whose dequantized weight is
-    bit for bit GPTQ's ``s * (q - z)`` in float32; scales keep GPTQ's dtype.
-    Other tensors (embeddings, norms, an unquantized lm_head) are loaded as
-    stored, or cast to ``dtype`` when given. ``model``: an instance of the
-    architecture to fill (default: built from ``config.json``).
-    ``v1_wrap_zeros``: how a v1 zero field holding ``2^b - 1`` reads (see the
-    module docstring; warned about when met). ``progress``: a tqdm bar over
-    layers. The result is ready for :func:`qalora_ext.save_quantized`;
-    ``model.qalora_import_report`` says what was converted. Bad input raises
-    ``ValueError`` naming the layer and the problem.
-    """
-    src = Path(os.path.realpath(os.fspath(src)))
-    qcfg = read_gptq_config(src)
-    tensors = _Tensors(src)
-    if model is None:
-        model = _build_model(src)
 
-    prefixes = sorted(k[: -len(".qweight")] for k in tensors.keys() if k.endswith(".qweight"))
-    if not prefixes:
-        raise ValueError(f"{src}: no '*.qweight' tensor in the checkpoint; nothing is GPTQ-quantized")
-    quant_keys = {f"{p}.{s}" for p in prefixes for s in _GPTQ_SUFFIXES}
-
-    from tqdm.auto import tqdm
-
-    layers: dict[str, QuantLinear] = {}
-    report_layers: dict[str, dict] = {}
-    overflows: dict[str, int] = {}
-    for name in tqdm(prefixes, desc=f"import GPTQ {qcfg['bits']}-bit G{qcfg['group_size']}",
-                     disable=not progress or None, leave=False):
-        over = _dynamic_overrides(qcfg["dynamic"], name)
-        if over is None:
-            raise ValueError(f"{name}: the checkpoint has a qweight but its quantize config excludes this "
-                             f"module (dynamic '-:' rule)")
-        bits = over.get("bits", qcfg["bits"])
-        group_size = over.get("group_size", qcfg["group_size"])
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{name}: the checkpoint quantizes this layer but the model built from "
-                             f"config.json has no such module (another architecture?)") from None
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"{name}: is a {type(module).__name__} in the model, not an nn.Linear; only "
-                             f"linear layers can be imported")
-        k, n = module.in_features, module.out_features
-        missing = [s for s in ("qweight", "qzeros", "scales") if f"{name}.{s}" not in tensors.file_of]
-        if missing:
-            raise ValueError(f"{name}: missing tensor(s) {', '.join(name + '.' + s for s in missing)} in {src}")
-        g_key = f"{name}.g_idx"
-        g_idx = tensors.get(g_key) if g_key in tensors.file_of else None
-        if g_idx is None and qcfg["desc_act"]:
-            raise ValueError(f"{name}: desc_act=True but the checkpoint has no {g_key}; the channel-to-group "
-                             f"map is unknown")
-        try:
-            packed, scale, zero, overflow = _convert(
-                tensors.get(f"{name}.qweight"), tensors.get(f"{name}.qzeros"), tensors.get(f"{name}.scales"),
-                g_idx, bits, group_size, qcfg["convention"], in_features=k, out_features=n,
-                v1_wrap_zeros=v1_wrap_zeros, name=name)
-        except (ValueError, TypeError) as e:
-            msg = str(e)
-            raise type(e)(msg if msg.startswith(name) else f"{name}: {msg}") from None
-        b_key = f"{name}.bias"
-        bias = tensors.get(b_key) if b_key in tensors.file_of else None
-        if bias is None and module.bias is not None:
-            raise ValueError(f"{name}: the model's layer has a bias but the checkpoint has no {b_key}")
-        layer = QuantLinear(k, n, bits, group_size, bias=bias is not None, scale_dtype=scale.dtype,
-                            zero_dtype=torch.float32, device="meta")
-        layer.load_packed(packed, scale, zero, bias)
-        layers[name] = layer
-        if overflow:
-            overflows[name] = overflow
-        report_layers[name] = {"bits": bits, "group_size": group_size, "in_features": k, "out_features": n,
-                               "scale_dtype": str(scale.dtype).removeprefix("torch."),
-                               "g_idx": "none" if g_idx is None else "contiguous"}
-    if overflows:
-        worst = max(overflows, key=overflows.get)
-        warnings.warn(f"import_gptq: {sum(overflows.values())} {_v1_overflow_message(qcfg['bits'], v1_wrap_zeros)} "
-                      f"({len(overflows)} layer(s), most in {worst})", stacklevel=2)
-
-    from ..model import set_module
-
-    for name, layer in layers.items():
-        set_module(model, name, layer)
-
-    # Everything that is not part of a GPTQ layer loads as stored (or cast to dtype).
-    expected = {k for k, t in model.state_dict(keep_vars=True).items()}
+def _plain_tensors(model: nn.Module, tensors: _Tensors, quant_keys: set[str], src: Path,
+                   dtype: Optional[torch.dtype]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every tensor that is not part of a GPTQ layer, as stored (or cast to ``dtype``); and the ignored ones."""
+    expected = set(model.state_dict(keep_vars=True))
     plain = {}
     unexpected = []
     tied_head = _tied_head_key(model)
@@ -613,7 +588,11 @@ def import_gptq(
         raise ValueError(f"{src}: tensors that the model has no place for ({len(unexpected)}): "
                          f"{', '.join(sorted(unexpected)[:20])}{' ...' if len(unexpected) > 20 else ''} "
                          f"(another architecture, or a layout this importer does not know)")
-    model.load_state_dict(plain, strict=False, assign=True)
+    return plain, ignorable
+
+
+def _finish(model: nn.Module, src: Path, dtype: Optional[torch.dtype]) -> None:
+    """Tie the head if the config says so, refuse tensors left unloaded, freeze, record the dtype."""
     _tie_if_needed(model)
     left = [n for n, t in (*model.named_parameters(remove_duplicate=False),
                            *model.named_buffers(remove_duplicate=False)) if t.is_meta]
@@ -627,6 +606,63 @@ def import_gptq(
             model.config.dtype = dtype
         except (AttributeError, TypeError, ValueError):  # pragma: no cover - older configs
             pass
+
+
+def import_gptq(
+    src: PathLike,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    v1_wrap_zeros: bool = True,
+    progress: bool = True,
+    model: Optional[nn.Module] = None,
+) -> nn.Module:
+    """Read a GPTQ checkpoint folder; return the model with ``QuantLinear`` layers (float32 zeros).
+
+    ``src``: an AutoGPTQ / GPTQModel folder (``config.json``, the quantize
+    config, ``*.safetensors`` in one file or shards with an index). Every layer
+    with a ``qweight`` becomes a ``QuantLinear`` whose dequantized weight is
+    bit for bit GPTQ's ``s * (q - z)`` in float32; scales keep GPTQ's dtype.
+    Other tensors (embeddings, norms, an unquantized lm_head) are loaded as
+    stored, or cast to ``dtype`` when given. ``model``: an instance of the
+    architecture to fill (default: built from ``config.json``).
+    ``v1_wrap_zeros``: how a v1 zero field holding ``2^b - 1`` reads (see the
+    module docstring; warned about when met). ``progress``: a tqdm bar over
+    layers. The result is ready for :func:`qalora_ext.save_quantized`;
+    ``model.qalora_import_report`` says what was converted. Bad input raises
+    ``ValueError`` naming the layer and the problem.
+    """
+    from tqdm.auto import tqdm
+
+    from ..model import set_module
+
+    src = Path(os.path.realpath(os.fspath(src)))
+    qcfg = read_gptq_config(src)
+    tensors = _Tensors(src)
+    if model is None:
+        model = _build_model(src)
+
+    prefixes = sorted(k[: -len(".qweight")] for k in tensors.keys() if k.endswith(".qweight"))
+    if not prefixes:
+        raise ValueError(f"{src}: no '*.qweight' tensor in the checkpoint; nothing is GPTQ-quantized")
+    layers: dict[str, QuantLinear] = {}
+    report_layers: dict[str, dict] = {}
+    overflows: dict[str, int] = {}
+    for name in tqdm(prefixes, desc=f"import GPTQ {qcfg['bits']}-bit G{qcfg['group_size']}",
+                     disable=not progress or None, leave=False):
+        layers[name], report_layers[name], overflow = _import_layer(model, name, qcfg, tensors, src, v1_wrap_zeros)
+        if overflow:
+            overflows[name] = overflow
+    if overflows:
+        worst = max(overflows, key=overflows.get)
+        warnings.warn(f"import_gptq: {sum(overflows.values())} {_v1_overflow_message(qcfg['bits'], v1_wrap_zeros)} "
+                      f"({len(overflows)} layer(s), most in {worst})", stacklevel=2)
+    for name, layer in layers.items():
+        set_module(model, name, layer)
+
+    quant_keys = {f"{p}.{s}" for p in prefixes for s in _GPTQ_SUFFIXES}
+    plain, ignorable = _plain_tensors(model, tensors, quant_keys, src, dtype)
+    model.load_state_dict(plain, strict=False, assign=True)
+    _finish(model, src, dtype)
     model.qalora_import_report = {
         "format": "gptq",
         "source": os.fspath(src),
@@ -710,7 +746,7 @@ def convert_gptq(
     out.mkdir(parents=True, exist_ok=True)
     copied = []
     for entry in sorted(src.iterdir()):
-        if entry.is_file() and _CARRIED_FILES.fullmatch(entry.name) and entry.name != "config.json":
+        if entry.is_file() and _CARRIED_FILES.fullmatch(entry.name) and entry.name != CONFIG_NAME:
             shutil.copy2(entry, out / entry.name)
             copied.append(entry.name)
     out = save_quantized(model, out, max_shard_size=max_shard_size)

@@ -55,9 +55,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..checkpoint.files import atomic_directory, fsync_dir, hash_file, parse_size, write_json
-from ..checkpoint.quantized import model_config_dict, plan_shards
+from ..checkpoint.files import atomic_directory, dtype_name, fsync_dir, hash_file, parse_size, write_json
+from ..checkpoint.quantized import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, model_config_dict, plan_shards
 from ..format import LAYOUT_CANONICAL, KNOWN_LAYOUTS, round_to_storage
+from ..model import quantized_layers
 from ..nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
 
 __all__ = [
@@ -76,11 +77,9 @@ MLX_STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "flo
 
 MLX_MAX_SHARD_SIZE = "5GB"  # mlx-lm's own shard limit (MAX_FILE_SIZE_GB)
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
 _SAFETENSORS_METADATA = {"format": "mlx"}
 _SHARD_RE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+_HEAD = "lm_head.weight"
 
 # What a tokenizer (and generation defaults) may be made of; copied when present.
 TOKENIZER_FILES = (
@@ -157,10 +156,6 @@ def _storage_dtype(dtype: Any, what: str) -> torch.dtype:
     raise ValueError(f"{what} must be 'float16', 'bfloat16' or 'float32' (or the torch dtype); got {dtype!r}")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def mlx_packed(layer: QuantLinear) -> torch.Tensor:
     """The layer's codes in MLX's packing: uint32 (N, K*b/32), our row bitstream without its padding."""
     if layer.layout != LAYOUT_CANONICAL:
@@ -174,23 +169,9 @@ def _round(x64: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     # round_to_storage saturates at the largest finite value; IEEE (and MLX) would give inf: refuse.
     big = x64.abs().max().item() if x64.numel() else 0.0
     if not math.isfinite(big) or big > torch.finfo(dtype).max:
-        raise ValueError(f"{what}: values overflow {_dtype_name(dtype)} (largest |value| {big:.6g}, the largest "
-                         f"{_dtype_name(dtype)} is {torch.finfo(dtype).max:.6g}); export with scale_dtype='float32'")
+        raise ValueError(f"{what}: values overflow {dtype_name(dtype)} (largest |value| {big:.6g}, the largest "
+                         f"{dtype_name(dtype)} is {torch.finfo(dtype).max:.6g}); export with scale_dtype='float32'")
     return round_to_storage(x64, dtype)
-
-
-def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: QuantLinear or QALoRALinear}``, each layer once (the wrapper, not its ``.base``)."""
-    layers: dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QALoRALinear):
-            layers[name] = m
-        elif isinstance(m, QuantLinear):
-            parent = name.rpartition(".")[0] if name.endswith(".base") else None
-            if parent is not None and isinstance(layers.get(parent), QALoRALinear):
-                continue
-            layers[name] = m
-    return layers
 
 
 def _find_tokenizer_files(folder: Path) -> list[Path]:
@@ -198,6 +179,12 @@ def _find_tokenizer_files(folder: Path) -> list[Path]:
     for pattern in _TOKENIZER_GLOBS:
         found += sorted(p for p in folder.glob(pattern) if p.is_file())
     return found
+
+
+def _own_file(fname: str) -> bool:
+    """Files of a previous export that a new one replaces (anything else in ``out_dir`` is kept)."""
+    return (fname in (CONFIG_NAME, WEIGHTS_INDEX_NAME) or _SHARD_RE.fullmatch(fname) is not None
+            or fname in TOKENIZER_FILES)
 
 
 def _mlx_config(model: nn.Module, quantization: dict, tied: bool, dtype: torch.dtype) -> dict:
@@ -218,7 +205,7 @@ def _mlx_config(model: nn.Module, quantization: dict, tied: bool, dtype: torch.d
         if rtype != "default" and not config.get("rope_scaling"):
             config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     config["tie_word_embeddings"] = bool(tied)
-    config["dtype" if "dtype" in config else "torch_dtype"] = _dtype_name(dtype)
+    config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name(dtype)
     config["quantization"] = quantization
     config["quantization_config"] = quantization  # mlx-lm writes both (Hugging Face's model tree reads the second)
     return dict(sorted(config.items()))
@@ -262,8 +249,38 @@ def _output_head_tied(model: nn.Module) -> bool:
             and head.weight.data_ptr() == emb.weight.data_ptr() and head.weight.shape == emb.weight.shape)
 
 
+def _quantization_block(layers: dict[str, nn.Module]) -> tuple[tuple[int, int], dict]:
+    """mlx-lm's ``"quantization"``: the most common ``(bits, group_size)`` as default, the others per layer."""
+    bases = {n: (m.base if isinstance(m, QALoRALinear) else m) for n, m in layers.items()}
+    common = Counter((b.bits, b.group_size) for b in bases.values()).most_common(1)[0][0]
+    quantization: dict[str, Any] = {"group_size": common[1], "bits": common[0], "mode": "affine"}
+    for n, b in bases.items():
+        if (b.bits, b.group_size) != common:
+            quantization[n] = {"group_size": b.group_size, "bits": b.bits, "mode": "affine"}
+    return common, quantization
+
+
+def _tokenizer_source(model: nn.Module, tokenizer: Any) -> tuple[list[Path], Any]:
+    """``(files to copy, object to save_pretrained)``, decided before anything is written (bad arguments fail early)."""
+    if tokenizer is None:
+        src = getattr(getattr(model, "config", None), "_name_or_path", None)
+        return (_find_tokenizer_files(Path(src)) if src and os.path.isdir(src) else []), None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        folder = Path(tokenizer)
+        if not folder.is_dir():
+            raise ValueError(f"export_mlx: tokenizer folder {folder} does not exist")
+        tok_files = _find_tokenizer_files(folder)
+        if not tok_files:
+            raise ValueError(f"export_mlx: no tokenizer files in {folder} (looked for {', '.join(TOKENIZER_FILES)})")
+        return tok_files, None
+    if callable(getattr(tokenizer, "save_pretrained", None)):
+        return [], tokenizer
+    raise ValueError(f"export_mlx: tokenizer must be a folder or an object with save_pretrained; got "
+                     f"{type(tokenizer).__name__}")
+
+
 # ---------------------------------------------------------------------------
-# Export
+# Tensors
 # ---------------------------------------------------------------------------
 
 
@@ -274,11 +291,7 @@ def _export_layer(name: str, m: nn.Module, sdt: torch.dtype, fdt: torch.dtype) -
     G = base.group_size
     zero = base.zero.detach().to("cpu", torch.float64)
     scale = base.scale.detach().to("cpu", torch.float64)
-    delta = None
-    if isinstance(m, QALoRALinear):
-        A = m.lora_A.detach().to("cpu", torch.float64)
-        B = m.lora_B.detach().to("cpu", torch.float64)
-        delta = m.scaling * (B @ A) / G
+    delta = m.zero_delta().cpu() if isinstance(m, QALoRALinear) else None
     exact_zero = zero if delta is None else zero + delta
     scales = _round(scale, sdt, f"{name}.scales")
     biases = _round(exact_zero, sdt, f"{name}.biases")
@@ -302,6 +315,117 @@ def _export_layer(name: str, m: nn.Module, sdt: torch.dtype, fdt: torch.dtype) -
         stats["lost_sq"] = (biases.double() - zero - delta).square().sum().item()
         stats["delta_sq"] = delta.square().sum().item()
     return tensors, stats
+
+
+def _float_tensors(model: nn.Module, layers: dict[str, nn.Module], tied: bool, fdt: torch.dtype,
+                   model_type: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every other state-dict tensor cast to ``fdt``, in state-dict order; and the float linear/embedding layers."""
+    prefixes = tuple(n + "." for n in layers)
+    tensors: dict[str, torch.Tensor] = {}
+    unquantized: list[str] = []
+    for key, t in model.state_dict().items():
+        if key.startswith(prefixes):
+            continue
+        if tied and key == _HEAD:
+            continue  # mlx-lm uses the embedding as the head (tie_word_embeddings)
+        if not t.is_floating_point():
+            raise ValueError(f"export_mlx: tensor {key!r} is {t.dtype}, not a float tensor; mlx-lm's {model_type} "
+                             f"model has no place for it")
+        if t.is_meta:
+            raise ValueError(f"export_mlx: tensor {key!r} is on the meta device (never loaded)")
+        out = t.detach().to("cpu").to(fdt).contiguous()
+        if not torch.isfinite(out).all() and torch.isfinite(t).all():
+            raise ValueError(f"export_mlx: tensor {key!r} overflows {dtype_name(fdt)}; export with dtype='float32'")
+        tensors[key] = out
+        mod, _, leaf = key.rpartition(".")
+        if leaf == "weight" and isinstance(model.get_submodule(mod), (nn.Linear, nn.Embedding)):
+            unquantized.append(mod)
+    if not tied and _HEAD not in tensors and "lm_head" not in layers:
+        raise ValueError("export_mlx: the model's output head is not tied to the embedding and there is no "
+                         "'lm_head' to write; mlx-lm's model needs one or the other")
+    return tensors, unquantized
+
+
+# ---------------------------------------------------------------------------
+# Measures
+# ---------------------------------------------------------------------------
+
+
+def _adapter_loss(stats: dict[str, dict]) -> tuple[Optional[float], dict[str, float], int]:
+    """``(lost fraction over all adapted layers or None, per layer, adapted layers)`` (SPEC "Merge")."""
+    adapted = {n: s for n, s in stats.items() if s["adapter"]}
+    if not adapted:
+        return None, {}, 0
+    per_layer = {n: 0.0 if s["delta_sq"] == 0.0 else math.sqrt(s["lost_sq"] / s["delta_sq"])
+                 for n, s in adapted.items()}
+    d = sum(s["delta_sq"] for s in adapted.values())
+    lost = 0.0 if d == 0.0 else math.sqrt(sum(s["lost_sq"] for s in adapted.values()) / d)
+    return lost, per_layer, len(adapted)
+
+
+def _note_and_warn(notes: list[str], lost: Optional[float], per_layer: dict[str, float], inexact: int,
+                   weight_change: float, sdt: torch.dtype) -> None:
+    """Notes for the report; warnings (at export_mlx's caller) above MERGE_WARN_FRACTION."""
+    if lost is None:
+        notes.append("the model holds no adapters (merged): the fraction of the adapter lost to rounding the "
+                     "biases cannot be known without it; zero_rounding_error is the weight change instead")
+    if inexact:
+        notes.append(f"{inexact} scales are not representable in {dtype_name(sdt)} and were rounded")
+    if lost is not None and lost > MERGE_WARN_FRACTION:
+        worst = max(per_layer, key=per_layer.get)
+        warnings.warn(
+            f"export_mlx: {100 * lost:.2f}% of the merged adapters is lost rounding the biases to "
+            f"{dtype_name(sdt)} (worst layer {worst}: {100 * per_layer[worst]:.2f}%); export with "
+            f"scale_dtype='float32' to keep it", stacklevel=3)
+    if weight_change > MERGE_WARN_FRACTION:
+        warnings.warn(f"export_mlx: rounding scales and biases to {dtype_name(sdt)} changes the weights by "
+                      f"{100 * weight_change:.2f}% (relative norm)", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def _write_folder(target: Path, tensors: dict[str, torch.Tensor], shards: list[list[str]], tok_files: list[Path],
+                  tok_object: Any, config: dict) -> dict[str, dict]:
+    """Write the folder atomically (config.json last); returns ``{file name: size and sha256}``."""
+    from safetensors.torch import save_file
+
+    for f in tok_files:
+        if Path(os.path.realpath(f.parent)) == target:
+            raise ValueError(f"export_mlx: out_dir {target} is the folder the tokenizer is read from; export to a "
+                             f"new folder")
+    files: dict[str, dict] = {}
+    with atomic_directory(target, _own_file) as tmp:
+        weight_map: dict[str, str] = {}
+        for i, keys in enumerate(shards):
+            fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: tensors[k] for k in keys}, str(tmp / fname), metadata=dict(_SAFETENSORS_METADATA))
+            files[fname] = hash_file(tmp / fname, fsync=True)
+            weight_map.update(dict.fromkeys(keys, fname))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            files[WEIGHTS_INDEX_NAME] = write_json(tmp / WEIGHTS_INDEX_NAME, index)
+        for f in tok_files:
+            if (tmp / f.name).exists():
+                (tmp / f.name).unlink()
+            shutil.copy2(f, tmp / f.name)
+            files[f.name] = hash_file(tmp / f.name, fsync=True)
+        if tok_object is not None:
+            before = set(os.listdir(tmp))
+            tok_object.save_pretrained(str(tmp))
+            for fname in sorted(set(os.listdir(tmp)) - before):
+                files[fname] = hash_file(tmp / fname, fsync=True)
+        files[CONFIG_NAME] = write_json(tmp / CONFIG_NAME, config)  # last: marks a complete folder
+        fsync_dir(tmp)
+    return files
+
+
+# ---------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------
 
 
 def export_mlx(
@@ -339,41 +463,15 @@ def export_mlx(
     sdt = _storage_dtype(scale_dtype, "scale_dtype")
     fdt = sdt if dtype is None else _storage_dtype(dtype, "dtype")
     limit = parse_size(max_shard_size)
-    layers = _quantized_layers(model)
+    layers = quantized_layers(model)
     if not layers:
         raise ValueError("export_mlx: the model has no QuantLinear layer; quantize it first (quantize_model / "
                          "quantize_pretrained)")
     model_type = _check_architecture(model, layers)
     tied = _output_head_tied(model)
-
-    # Plan the quantization block: the most common (bits, G) is the default.
-    bases = {n: (m.base if isinstance(m, QALoRALinear) else m) for n, m in layers.items()}
-    common = Counter((b.bits, b.group_size) for b in bases.values()).most_common(1)[0][0]
-    quantization: dict[str, Any] = {"group_size": common[1], "bits": common[0], "mode": "affine"}
-    for n, b in bases.items():
-        if (b.bits, b.group_size) != common:
-            quantization[n] = {"group_size": b.group_size, "bits": b.bits, "mode": "affine"}
-
-    # Tokenizer source before anything is written, so a bad argument fails early.
-    tok_files: list[Path] = []
-    tok_object = None
+    common, quantization = _quantization_block(layers)
+    tok_files, tok_object = _tokenizer_source(model, tokenizer)
     notes: list[str] = []
-    if tokenizer is None:
-        src = getattr(getattr(model, "config", None), "_name_or_path", None)
-        if src and os.path.isdir(src):
-            tok_files = _find_tokenizer_files(Path(src))
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        folder = Path(tokenizer)
-        if not folder.is_dir():
-            raise ValueError(f"export_mlx: tokenizer folder {folder} does not exist")
-        tok_files = _find_tokenizer_files(folder)
-        if not tok_files:
-            raise ValueError(f"export_mlx: no tokenizer files in {folder} (looked for {', '.join(TOKENIZER_FILES)})")
-    elif callable(getattr(tokenizer, "save_pretrained", None)):
-        tok_object = tokenizer
-    else:
-        raise ValueError(f"export_mlx: tokenizer must be a folder or an object with save_pretrained; got "
-                         f"{type(tokenizer).__name__}")
     if not tok_files and tok_object is None:
         msg = "no tokenizer files were found to copy; mlx_lm.load needs them (pass tokenizer=FOLDER)"
         notes.append(msg)
@@ -384,123 +482,30 @@ def export_mlx(
 
     tensors: dict[str, torch.Tensor] = {}
     stats: dict[str, dict] = {}
-    for name in tqdm(list(layers), desc=f"export MLX ({_dtype_name(sdt)})", disable=not progress or None,
+    for name in tqdm(list(layers), desc=f"export MLX ({dtype_name(sdt)})", disable=not progress or None,
                      leave=False):
-        t, s = _export_layer(name, layers[name], sdt, fdt)
-        tensors.update(t)
-        stats[name] = s
-    prefixes = tuple(n + "." for n in layers)
-    head = "lm_head.weight"
-    unquantized: list[str] = []
-    for key, t in model.state_dict().items():
-        if key.startswith(prefixes):
-            continue
-        if tied and key == head:
-            continue  # mlx-lm uses the embedding as the head (tie_word_embeddings)
-        if not t.is_floating_point():
-            raise ValueError(f"export_mlx: tensor {key!r} is {t.dtype}, not a float tensor; mlx-lm's {model_type} "
-                             f"model has no place for it")
-        if t.is_meta:
-            raise ValueError(f"export_mlx: tensor {key!r} is on the meta device (never loaded)")
-        out = t.detach().to("cpu").to(fdt).contiguous()
-        if not torch.isfinite(out).all() and torch.isfinite(t).all():
-            raise ValueError(f"export_mlx: tensor {key!r} overflows {_dtype_name(fdt)}; export with dtype='float32'")
-        tensors[key] = out
-        mod, _, leaf = key.rpartition(".")
-        if leaf == "weight" and isinstance(model.get_submodule(mod), (nn.Linear, nn.Embedding)):
-            unquantized.append(mod)
-    for mod in unquantized:
-        quantization[mod] = False  # keep it float even where a loader would quantize by default
-    if not tied and head not in tensors and "lm_head" not in layers:
-        raise ValueError("export_mlx: the model's output head is not tied to the embedding and there is no "
-                         "'lm_head' to write; mlx-lm's model needs one or the other")
-
+        tensors_of_layer, stats[name] = _export_layer(name, layers[name], sdt, fdt)
+        tensors.update(tensors_of_layer)
+    float_tensors, unquantized = _float_tensors(model, layers, tied, fdt, model_type)
+    tensors.update(float_tensors)
+    quantization.update(dict.fromkeys(unquantized, False))  # keep them float where a loader would quantize
     config = _mlx_config(model, quantization, tied, fdt)
 
-    # Report numbers.
     change_sq = sum(s["change_sq"] for s in stats.values())
     ref_sq = sum(s["ref_sq"] for s in stats.values())
-    adapted = {n: s for n, s in stats.items() if s["adapter"]}
-    per_layer: dict[str, float] = {}
-    lost: Optional[float] = None
-    if adapted:
-        for n, s in adapted.items():
-            per_layer[n] = 0.0 if s["delta_sq"] == 0.0 else math.sqrt(s["lost_sq"] / s["delta_sq"])
-        d = sum(s["delta_sq"] for s in adapted.values())
-        lost = 0.0 if d == 0.0 else math.sqrt(sum(s["lost_sq"] for s in adapted.values()) / d)
-    else:
-        notes.append("the model holds no adapters (merged): the fraction of the adapter lost to rounding the "
-                     "biases cannot be known without it; zero_rounding_error is the weight change instead")
+    weight_change = 0.0 if not ref_sq else math.sqrt(change_sq / ref_sq)
+    lost, per_layer, adapter_layers = _adapter_loss(stats)
     inexact = sum(s["inexact_scales"] for s in stats.values())
-    if inexact:
-        notes.append(f"{inexact} scales are not representable in {_dtype_name(sdt)} and were rounded")
-    if lost is not None and lost > MERGE_WARN_FRACTION:
-        worst = max(per_layer, key=per_layer.get)
-        warnings.warn(
-            f"export_mlx: {100 * lost:.2f}% of the merged adapters is lost rounding the biases to "
-            f"{_dtype_name(sdt)} (worst layer {worst}: {100 * per_layer[worst]:.2f}%); export with "
-            f"scale_dtype='float32' to keep it", stacklevel=2)
-    if ref_sq and math.sqrt(change_sq / ref_sq) > MERGE_WARN_FRACTION:
-        warnings.warn(f"export_mlx: rounding scales and biases to {_dtype_name(sdt)} changes the weights by "
-                      f"{100 * math.sqrt(change_sq / ref_sq):.2f}% (relative norm)", stacklevel=2)
+    _note_and_warn(notes, lost, per_layer, inexact, weight_change, sdt)
 
-    # Write.
-    written = {CONFIG_NAME, WEIGHTS_INDEX_NAME}
-
-    def own(fname: str) -> bool:
-        return fname in written or _SHARD_RE.fullmatch(fname) is not None or fname in TOKENIZER_FILES
-
-    from safetensors.torch import save_file
-
-    shards = plan_shards(tensors, limit)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
     target = Path(os.path.realpath(os.fspath(out_dir)))
-    for f in tok_files:
-        if Path(os.path.realpath(f.parent)) == target:
-            raise ValueError(f"export_mlx: out_dir {target} is the folder the tokenizer is read from; export to a "
-                             f"new folder")
-    files: dict[str, dict] = {}
-    with atomic_directory(target, own) as tmp:
-        weight_map: dict[str, str] = {}
-        for i, keys in enumerate(shards):
-            fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({k: tensors[k] for k in keys}, str(tmp / fname), metadata=dict(_SAFETENSORS_METADATA))
-            files[fname] = hash_file(tmp / fname, fsync=True)
-            weight_map.update(dict.fromkeys(keys, fname))
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            files[WEIGHTS_INDEX_NAME] = write_json(tmp / WEIGHTS_INDEX_NAME, index)
-        for f in tok_files:
-            if (tmp / f.name).exists():
-                (tmp / f.name).unlink()
-            shutil.copy2(f, tmp / f.name)
-            files[f.name] = hash_file(tmp / f.name, fsync=True)
-        if tok_object is not None:
-            before = set(os.listdir(tmp))
-            tok_object.save_pretrained(str(tmp))
-            for fname in sorted(set(os.listdir(tmp)) - before):
-                written.add(fname)
-                files[fname] = hash_file(tmp / fname, fsync=True)
-        written.update(f.name for f in tok_files)
-        files[CONFIG_NAME] = write_json(tmp / CONFIG_NAME, config)  # last: marks a complete folder
-        fsync_dir(tmp)
-
+    files = _write_folder(target, tensors, plan_shards(tensors, limit), tok_files, tok_object, config)
     return MLXExportReport(
-        path=target,
-        tensors=len(tensors),
-        bytes=total,
-        files=files,
-        quantized_layers=len(layers),
-        adapter_layers=len(adapted),
-        bits=common[0],
-        group_size=common[1],
-        scale_dtype=_dtype_name(sdt),
-        dtype=_dtype_name(fdt),
-        lost_fraction=lost,
-        lost_fraction_per_layer=per_layer,
-        zero_rounding_error=0.0 if not ref_sq else math.sqrt(change_sq / ref_sq),
-        max_weight_change=max((s["max_change"] for s in stats.values()), default=0.0),
-        inexact_scales=inexact,
+        path=target, tensors=len(tensors), bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+        files=files, quantized_layers=len(layers), adapter_layers=adapter_layers, bits=common[0],
+        group_size=common[1], scale_dtype=dtype_name(sdt), dtype=dtype_name(fdt), lost_fraction=lost,
+        lost_fraction_per_layer=per_layer, zero_rounding_error=weight_change,
+        max_weight_change=max((s["max_change"] for s in stats.values()), default=0.0), inexact_scales=inexact,
         notes=notes,
     )
 
@@ -516,7 +521,10 @@ def export_mlx_checkpoint(
     progress: bool = True,
     verify: bool = True,
 ) -> MLXExportReport:
-    """``qalora export --format mlx MODEL_DIR OUT_DIR [--adapter DIR]``: a saved checkpoint to an MLX folder.
+    """A saved checkpoint to an MLX folder: kept only while ``qalora export`` (cli/__init__.py) calls it.
+
+    New code loads the folder itself (``load_quantized``, ``load_adapter``)
+    and calls :func:`export_mlx`.
 
     ``model_dir``: a folder written by :func:`qalora_ext.save_quantized`
     (merged, or with its adapters); ``adapter``: an adapter folder written by

@@ -39,7 +39,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..checkpoint.files import read_json
+from ..checkpoint.adapter import ADAPTER_CONFIG_NAME, ADAPTER_PEFT_TYPE, ADAPTER_WEIGHTS_NAME
+from ..checkpoint.files import dtype_name, read_json
 from ..model import freeze_all_but_adapters, set_module
 from ..nn import QALoRALinear, QuantLinear
 
@@ -53,8 +54,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 PEFT_POOLING_NOTE = ("PEFT use_qalora pools mean(x) * L (L = in_features / group_size); qalora_ext pools mean(x): "
                      "converted with A_ours = L * A_peft, B unchanged")
 
-_ADAPTER_CONFIG = "adapter_config.json"
-_ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -69,12 +68,12 @@ def read_peft_qalora_config(adapter_dir: PathLike) -> dict:
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
-    path = adapter_dir / _ADAPTER_CONFIG
+    path = adapter_dir / ADAPTER_CONFIG_NAME
     if not path.is_file():
-        raise ValueError(f"{adapter_dir}: no {_ADAPTER_CONFIG}; not a PEFT adapter folder")
+        raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG_NAME}; not a PEFT adapter folder")
     cfg = read_json(path, "the adapter config")
     peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type == "QALORA_EXT":
+    if peft_type == ADAPTER_PEFT_TYPE:
         raise ValueError(f"{path}: already a qalora_ext adapter; load it with qalora_ext.load_adapter")
     if peft_type != "LORA":
         raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only PEFT LoRA adapters trained with "
@@ -141,10 +140,10 @@ def peft_to_ours_A(lora_A: torch.Tensor, in_features: int, group_size: int) -> t
 def _load_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    path = adapter_dir / _ADAPTER_WEIGHTS
+    path = adapter_dir / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         bins = [p.name for p in adapter_dir.glob("adapter_model.bin")]
-        raise ValueError(f"{adapter_dir}: no {_ADAPTER_WEIGHTS}"
+        raise ValueError(f"{adapter_dir}: no {ADAPTER_WEIGHTS_NAME}"
                          + (" (adapter_model.bin found: only safetensors adapters are imported; re-save with "
                             "save_pretrained(safe_serialization=True))" if bins else ""))
     return load_file(str(path), device="cpu")
@@ -163,24 +162,9 @@ def _resolve(model: nn.Module, peft_name: str) -> tuple[str, Optional[nn.Module]
     return candidates[0], None
 
 
-def import_peft_qalora(model: nn.Module, adapter_dir: PathLike, *, adapter_name: Optional[str] = None) -> dict:
-    """Attach a PEFT ``use_qalora`` adapter to a quantized model as ``QALoRALinear`` layers, in place.
-
-    Every target layer must be a ``QuantLinear`` (or ``QALoRALinear``, whose
-    adapter is replaced) quantized with ``group_size == qalora_group_size``.
-    ``A`` is converted to SPEC's mean pooling (``A_ours = L * A_peft``), ``B``,
-    rank, alpha, rsLoRA and dropout are copied. Everything is checked before
-    the model changes. Returns a report: ``{"source", "peft_version",
-    "conversion", "group_size", "layers": {name: {rank, alpha, use_rslora,
-    scaling, groups, ...}}, "notes"}``; the model is frozen but for adapters.
-    ``adapter_name``: the PEFT adapter name inside the keys, when they carry
-    one (``...lora_A.<name>.weight``); by default keys without a name.
-    """
-    adapter_dir = Path(os.path.realpath(os.fspath(adapter_dir)))
-    cfg = read_peft_qalora_config(adapter_dir)
-    tensors = _load_tensors(adapter_dir)
-    group_size = cfg.get("qalora_group_size", 16)
-
+def _lora_pairs(tensors: dict[str, torch.Tensor], adapter_name: Optional[str],
+                weights_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{PEFT module path: {"lora_A": A, "lora_B": B}}`` of one adapter; anything else in the file is refused."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unsupported = []
     for key, t in tensors.items():
@@ -196,50 +180,53 @@ def import_peft_qalora(model: nn.Module, adapter_dir: PathLike, *, adapter_name:
         pairs.setdefault(m.group("module"), {})[m.group("which")] = t
     if unsupported:
         shown = ", ".join(sorted(unsupported)[:10]) + (" ..." if len(unsupported) > 10 else "")
-        raise ValueError(f"{adapter_dir / _ADAPTER_WEIGHTS}: tensors other than lora_A / lora_B weights "
+        raise ValueError(f"{weights_path}: tensors other than lora_A / lora_B weights "
                          f"({len(unsupported)}: {shown}); DoRA magnitudes, biases, embeddings and "
                          f"modules_to_save cannot be imported as QA-LoRA adapters")
     if not pairs:
-        raise ValueError(f"{adapter_dir / _ADAPTER_WEIGHTS}: no lora_A / lora_B tensors")
+        raise ValueError(f"{weights_path}: no lora_A / lora_B tensors")
+    return pairs
 
-    plan = []
-    for peft_name in sorted(pairs):
-        pair = pairs[peft_name]
-        name, layer = _resolve(model, peft_name)
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{name}: the adapter has {sorted(pair)} but needs both lora_A and lora_B")
-        if layer is None:
-            raise ValueError(f"{name}: the adapter targets this layer but the model has no such module "
-                             f"(a different base model?)")
-        if isinstance(layer, QALoRALinear):
-            base = layer.base
-        elif isinstance(layer, QuantLinear):
-            base = layer
-        else:
-            raise ValueError(f"{name}: is a {type(layer).__name__}, not a quantized layer; QA-LoRA adapters attach "
-                             f"to quantized layers (load_quantized / quantize_model first)")
-        if base.group_size != group_size:
-            raise ValueError(f"{name}: the adapter pools over qalora_group_size={group_size} input channels but the "
-                             f"layer is quantized with group_size={base.group_size}; SPEC needs the pooling "
-                             f"groups to be the quantization groups. Quantize the base with group_size="
-                             f"{group_size} or train the adapter with qalora_group_size={base.group_size}")
-        A, B = pair["lora_A"], pair["lora_B"]
-        rank = int(_pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8)))
-        groups = base.in_features // base.group_size
-        if A.dim() != 2 or B.dim() != 2 or tuple(A.shape) != (rank, groups) or tuple(B.shape) != (base.out_features,
-                                                                                                  rank):
-            raise ValueError(f"{name}: adapter shapes lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)} do not fit "
-                             f"rank {rank} on a layer with in_features={base.in_features} (L = {groups} groups of "
-                             f"{group_size}) and out_features={base.out_features}: expected lora_A ({rank}, {groups}), "
-                             f"lora_B ({base.out_features}, {rank})")
-        for what, t in (("lora_A", A), ("lora_B", B)):
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name}: {what} must be finite floats")
-        plan.append((name, layer, base, rank, alpha, groups, A, B))
 
-    use_rslora = bool(cfg.get("use_rslora", False))
-    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+def _plan_layer(model: nn.Module, peft_name: str, pair: dict[str, torch.Tensor], cfg: dict) -> tuple:
+    """Check one target layer against its adapter; ``(name, layer, base, rank, alpha, groups, A, B)``."""
+    group_size = cfg.get("qalora_group_size", 16)
+    name, layer = _resolve(model, peft_name)
+    if set(pair) != {"lora_A", "lora_B"}:
+        raise ValueError(f"{name}: the adapter has {sorted(pair)} but needs both lora_A and lora_B")
+    if layer is None:
+        raise ValueError(f"{name}: the adapter targets this layer but the model has no such module "
+                         f"(a different base model?)")
+    if isinstance(layer, QALoRALinear):
+        base = layer.base
+    elif isinstance(layer, QuantLinear):
+        base = layer
+    else:
+        raise ValueError(f"{name}: is a {type(layer).__name__}, not a quantized layer; QA-LoRA adapters attach "
+                         f"to quantized layers (load_quantized / quantize_model first)")
+    if base.group_size != group_size:
+        raise ValueError(f"{name}: the adapter pools over qalora_group_size={group_size} input channels but the "
+                         f"layer is quantized with group_size={base.group_size}; SPEC needs the pooling "
+                         f"groups to be the quantization groups. Quantize the base with group_size="
+                         f"{group_size} or train the adapter with qalora_group_size={base.group_size}")
+    A, B = pair["lora_A"], pair["lora_B"]
+    rank = int(_pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
+    alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8)))
+    groups = base.in_features // base.group_size
+    if A.dim() != 2 or B.dim() != 2 or tuple(A.shape) != (rank, groups) or tuple(B.shape) != (base.out_features,
+                                                                                              rank):
+        raise ValueError(f"{name}: adapter shapes lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)} do not fit "
+                         f"rank {rank} on a layer with in_features={base.in_features} (L = {groups} groups of "
+                         f"{group_size}) and out_features={base.out_features}: expected lora_A ({rank}, {groups}), "
+                         f"lora_B ({base.out_features}, {rank})")
+    for what, t in (("lora_A", A), ("lora_B", B)):
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: {what} must be finite floats")
+    return name, layer, base, rank, alpha, groups, A, B
+
+
+def _attach(model: nn.Module, plan: list[tuple], use_rslora: bool, dropout: float) -> dict[str, dict]:
+    """Replace each planned layer by a ``QALoRALinear`` holding the converted adapter; the per-layer report."""
     layers_report = {}
     for name, layer, base, rank, alpha, groups, A, B in plan:
         new = QALoRALinear(base, rank, alpha, dropout, use_rslora)
@@ -251,14 +238,36 @@ def import_peft_qalora(model: nn.Module, adapter_dir: PathLike, *, adapter_name:
         set_module(model, name, new)
         layers_report[name] = {"rank": rank, "alpha": alpha, "use_rslora": use_rslora, "scaling": new.scaling,
                                "groups": groups, "group_size": base.group_size, "A_factor": groups,
-                               "source_dtype": str(A.dtype).removeprefix("torch.")}
+                               "source_dtype": dtype_name(A.dtype)}
+    return layers_report
+
+
+def import_peft_qalora(model: nn.Module, adapter_dir: PathLike, *, adapter_name: Optional[str] = None) -> dict:
+    """Attach a PEFT ``use_qalora`` adapter to a quantized model as ``QALoRALinear`` layers, in place.
+
+    Every target layer must be a ``QuantLinear`` (or ``QALoRALinear``, whose
+    adapter is replaced) quantized with ``group_size == qalora_group_size``.
+    ``A`` is converted to SPEC's mean pooling (``A_ours = L * A_peft``), ``B``,
+    rank, alpha, rsLoRA and dropout are copied. Everything is checked before
+    the model changes. Returns a report: ``{"source", "peft_version",
+    "conversion", "group_size", "layers": {name: {rank, alpha, use_rslora,
+    scaling, groups, ...}}, "notes"}``; the model is frozen but for adapters.
+    ``adapter_name``: the PEFT adapter name inside the keys, when they carry
+    one (``...lora_A.<name>.weight``); by default keys without a name.
+    """
+    adapter_dir = Path(os.path.realpath(os.fspath(adapter_dir)))
+    cfg = read_peft_qalora_config(adapter_dir)
+    pairs = _lora_pairs(_load_tensors(adapter_dir), adapter_name, adapter_dir / ADAPTER_WEIGHTS_NAME)
+    plan = [_plan_layer(model, peft_name, pairs[peft_name], cfg) for peft_name in sorted(pairs)]
+    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+    layers_report = _attach(model, plan, bool(cfg.get("use_rslora", False)), dropout)
     freeze_all_but_adapters(model)
     report = {
         "format": "peft-qalora",
         "source": os.fspath(adapter_dir),
         "peft_version": cfg.get("peft_version"),
         "base_model_name_or_path": cfg.get("base_model_name_or_path"),
-        "group_size": group_size,
+        "group_size": cfg.get("qalora_group_size", 16),
         "conversion": PEFT_POOLING_NOTE,
         "layers": layers_report,
         "notes": ["dropout: PEFT drops input channels before pooling, qalora_ext drops the pooled vector "
