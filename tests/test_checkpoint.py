@@ -509,3 +509,62 @@ def test_load_adapter_checks_every_layer_before_changing_any(tmp_path):
     with pytest.raises(CheckpointError, match=f"layer '{last}': dropout must be in"):
         qe.load_adapter(target, tmp_path / "ad", verify=False)
     assert {n: type(m) for n, m in target.named_modules()} == before
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_resave_keeps_the_folders_mode_group_and_xattrs(tmp_path):
+    """A re-save replaces the directory; it keeps 0700 (not the umask's 0755) and extended attributes."""
+    import stat as st
+
+    fresh, model, _, _ = _make(3, adapters=False)
+    out = tmp_path / "ck"
+    qe.save_quantized(model, out)
+    os.chmod(out, 0o700)
+    has_xattr = True
+    try:
+        os.setxattr(out, "user.qalora_test", b"keep me")
+    except OSError:
+        has_xattr = False  # the filesystem has no user xattrs
+    gid = out.stat().st_gid
+    qe.save_quantized(model, out)
+    assert st.S_IMODE(out.stat().st_mode) == 0o700
+    assert out.stat().st_gid == gid
+    if has_xattr:
+        assert os.getxattr(out, "user.qalora_test") == b"keep me"
+    qe.load_quantized(out, model=fresh)
+
+
+def test_next_save_removes_leftovers_of_killed_saves_only(tmp_path):
+    """kill -9 mid-save leaves .NAME.tmp-PID-* / .NAME.old-PID-*; the next save removes those whose writer is gone."""
+    _, model, _, _ = _make(3, adapters=False)
+    out = tmp_path / "ck"
+    qe.save_quantized(model, out)
+    dead = _dead_pid()
+    stale_tmp = tmp_path / f".ck.tmp-{dead}-0123abcd"
+    stale_old = tmp_path / f".ck.old-{dead}-4567cdef"
+    running = tmp_path / f".ck.tmp-{os.getpid()}-89abcdef"  # a save of this (live) process
+    unrelated = tmp_path / ".other.tmp-1-00000000"
+    for d in (stale_tmp, stale_old, running, unrelated):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    qe.save_quantized(model, out)
+    assert not stale_tmp.exists() and not stale_old.exists()
+    assert running.exists() and unrelated.exists()
+    # A save killed between its two renames: the target is gone and the .old sibling is the
+    # only copy of the previous checkpoint; it is kept (and named by the load error).
+    only_copy = tmp_path / f".lost.old-{dead}-0badc0de"
+    qe.save_quantized(model, only_copy)
+    from qalora_ext.checkpoint.files import remove_stale_leftovers
+
+    assert remove_stale_leftovers(tmp_path / "lost") == []
+    assert only_copy.exists()
+    with pytest.raises(FileNotFoundError, match="previous checkpoint was left at"):
+        qe.load_quantized(tmp_path / "lost")

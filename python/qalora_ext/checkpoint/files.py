@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -43,6 +44,7 @@ __all__ = [
     "check_format_version",
     "missing_dir_hint",
     "atomic_directory",
+    "remove_stale_leftovers",
 ]
 
 _SAFETENSORS_METADATA = {"format": "pt"}
@@ -264,8 +266,9 @@ def missing_dir_hint(target: Path) -> str:
 
 
 def _unique_sibling(target: Path, tag: str, create: bool) -> Path:
+    """A free hidden sibling ``.NAME.TAG-PID-HEX``; the pid tells a later save whether its writer is gone."""
     for _ in range(100):
-        path = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
+        path = target.parent / f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
         if create:
             try:
                 os.mkdir(path)  # honours the umask, unlike mkdtemp's 0700
@@ -275,6 +278,68 @@ def _unique_sibling(target: Path, tag: str, create: bool) -> Path:
         if not os.path.lexists(path):
             return path
     raise FileExistsError(f"could not find a free name next to {target}")
+
+
+_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_stale_leftovers(target: Path) -> list[Path]:
+    """Remove what killed saves into ``target`` left next to it; returns what was removed.
+
+    A ``.NAME.tmp-PID-*`` sibling is a half-written save; a ``.NAME.old-PID-*``
+    sibling is the previous version renamed aside. Either is ours to remove
+    once its writer (PID, on this machine) is gone, except an ``old`` one when
+    ``target`` itself is missing: the save died between its two renames and
+    that sibling is the only copy of the previous version (load errors name
+    it). A save still running (its PID alive) is never touched.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _LEFTOVER_RE.match(entry.name)
+        if m is None or m.group("name") != target.name or _pid_alive(int(m.group("pid"))):
+            continue
+        if m.group("tag") == "old" and not os.path.lexists(target):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed
+
+
+def _copy_directory_attributes(src: Path, dst: Path) -> None:
+    """Give ``dst`` the mode, group, ACLs and extended attributes of ``src``, where permitted.
+
+    A re-save replaces the directory; without this a 0700 folder would come
+    back 0755 (the umask's) and lose its group and ACLs (ACLs are extended
+    attributes on Linux, copied by ``shutil.copystat``).
+    """
+    st = os.stat(src)
+    with contextlib.suppress(OSError):
+        shutil.copystat(src, dst)  # mode, times, flags, xattrs (ACLs included)
+    with contextlib.suppress(OSError):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    if os.stat(dst).st_gid != st.st_gid:
+        with contextlib.suppress(OSError):
+            os.chown(dst, -1, st.st_gid)
 
 
 def _carry_over(old: Path, new: Path, own: Callable[[str], bool]) -> None:
@@ -311,14 +376,20 @@ def atomic_directory(directory: PathLike, own: Callable[[str], bool]) -> Iterato
     rename is atomic). An existing target is renamed aside and deleted only
     once the new one is in place; on any exception, KeyboardInterrupt
     included, the temporary directory is removed and the old target restored.
+    The new directory keeps the old one's mode, group, ACLs and extended
+    attributes (where permitted), and files the old one held that ``own``
+    does not claim. Leftovers of earlier saves that were killed (``kill -9``:
+    no cleanup ran) are removed first (:func:`remove_stale_leftovers`).
     """
     target = Path(os.path.realpath(os.fspath(directory)))
     if os.path.lexists(target) and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(target)
     tmp = _unique_sibling(target, "tmp", create=True)
     try:
         if target.is_dir():
+            _copy_directory_attributes(target, tmp)
             _carry_over(target, tmp, own)
         yield tmp
         fsync_dir(tmp)
