@@ -186,7 +186,10 @@ def test_sharded_save_and_load(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(out / shards[0]), framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        meta = f.metadata()
+    # SPEC's {"format": "pt"}, plus each packed layer's [bits, group_size, layout] (bound to the data).
+    assert meta["format"] == "pt" and set(meta) == {"format", "qalora_ext.layers"}
+    assert json.loads(meta["qalora_ext.layers"]) == {"up": [4, 32, 1], "mid": [4, 32, 1], "down": [4, 32, 1]}
     assert torch.equal(_out(qe.load_quantized(out, Tiny()), ids), y)
 
 
@@ -568,3 +571,68 @@ def test_next_save_removes_leftovers_of_killed_saves_only(tmp_path):
     assert only_copy.exists()
     with pytest.raises(FileNotFoundError, match="previous checkpoint was left at"):
         qe.load_quantized(tmp_path / "lost")
+
+
+class _FakeTokenizer:
+    """save_pretrained writes a file whose content says which version it is."""
+
+    def __init__(self, version):
+        self.version = version
+
+    def save_pretrained(self, path):
+        (Path(path) / "tokenizer.json").write_text(json.dumps({"version": self.version}))
+        (Path(path) / "tokenizer_config.json").write_text(json.dumps({"version": self.version}))
+
+
+def test_save_model_writes_tokenizer_and_weights_together(tmp_path, monkeypatch):
+    """A save killed after the tokenizer but before the weights must leave the OLD tokenizer beside the old weights."""
+    from qalora_ext.checkpoint import files as ckpt_files_mod
+    from qalora_ext.checkpoint.quantized import save_model
+
+    fresh, model, ids, y = _make(3, adapters=False)
+    out = tmp_path / "m"
+    save_model(model, _FakeTokenizer("old"), out)
+    assert json.loads((out / "tokenizer.json").read_text()) == {"version": "old"}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("killed while writing the weights")
+
+    monkeypatch.setattr(ckpt_files_mod, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, _FakeTokenizer("new"), out)
+    monkeypatch.undo()
+    assert json.loads((out / "tokenizer.json").read_text()) == {"version": "old"}
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"version": "old"}
+    assert _leftovers(out) == []
+    save_model(model, _FakeTokenizer("new"), out)
+    assert json.loads((out / "tokenizer.json").read_text()) == {"version": "new"}
+    assert torch.equal(_out(qe.load_quantized(out, model=copy.deepcopy(fresh)), ids), y)
+
+
+def test_edited_bits_in_config_is_refused(tmp_path):
+    """bits are bound to the data: the weights file records each layer's bits, group size and layout."""
+    fresh, model, _, _ = _make(3, adapters=False)
+    out = tmp_path / "ck"
+    qe.save_quantized(model, out)
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    layer = next(iter(qc["modules"]))
+    qc["modules"][layer]["bits"] = 4  # INT3 codes read as INT4 would be garbage
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"layer '{layer}' was written with bits=3.*config.json says bits=4"):
+        qe.load_quantized(out, model=copy.deepcopy(fresh), verify=False)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    fresh, model, _, _ = _make(3, adapters=False)
+    out = tmp_path / "ck"
+    qe.save_quantized(model, out)
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:12] = b"\xff\xff\xff\xff"  # the JSON header now lies about itself
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        qe.load_quantized(out, model=copy.deepcopy(fresh), verify=False)
+    (out / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
+    with pytest.raises(CheckpointError, match="config.json: config.json is not text"):
+        qe.load_quantized(out, model=copy.deepcopy(fresh))

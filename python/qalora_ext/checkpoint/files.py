@@ -181,8 +181,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict:
-    """Write one safetensors file; returns its size and sha256."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> dict:
+    """Write one safetensors file (``metadata`` added to ``{"format": "pt"}``); returns its size and sha256."""
     out: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for k, t in tensors.items():
@@ -198,7 +198,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict:
         if t.numel():
             storages.add(ptr)
         out[k] = t
-    save_file(out, str(path), metadata=dict(_SAFETENSORS_METADATA))
+    save_file(out, str(path), metadata={**_SAFETENSORS_METADATA, **(metadata or {})})
     return hash_file(path, fsync=True)
 
 
@@ -232,11 +232,15 @@ def verify_files(directory: Path, files: Any, verify_hash: bool) -> None:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; a CheckpointError naming the file when it is not one."""
     try:
         with open(path, "r", encoding="utf-8") as f:
             obj = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: {what} is not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: {what} is not text (not UTF-8: {e.reason} at byte {e.start}); "
+                              f"is it a binary file?") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: {what} must hold a JSON object")
     return obj

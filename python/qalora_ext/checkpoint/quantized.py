@@ -28,11 +28,13 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -232,6 +234,12 @@ def save_quantized(model: nn.Module, directory: PathLike, max_shard_size: Union[
 
     Returns the checkpoint's path.
     """
+    return _save(model, directory, max_shard_size)
+
+
+def _save(model: nn.Module, directory: PathLike, max_shard_size: Union[int, str],
+          staged: Optional[Path] = None) -> Path:
+    """save_quantized, plus the files of ``staged`` (a tokenizer) written into the same atomic directory."""
     limit = parse_size(max_shard_size)
     modules, tied_modules = quantized_modules(model)
     if not modules:
@@ -244,12 +252,33 @@ def save_quantized(model: nn.Module, directory: PathLike, max_shard_size: Union[
         except ValueError as e:
             raise ValueError(f"save_quantized: {name}: {e}") from e
     tensors, tied = _unique_state(model)
+    qconfig = _quantization_config(entries, tied, tied_modules)
+    model_config = model_config_dict(model)
+    staged_names = set(os.listdir(staged)) if staged is not None else set()
 
+    def own(name: str) -> bool:
+        return _own_model_file(name) or name in staged_names
+
+    with atomic_directory(directory, own) as tmp:
+        for name in sorted(staged_names):
+            src = staged / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name, symlinks=True)
+            else:
+                shutil.copy2(src, tmp / name)
+        qconfig["files"] = _write_shards(tensors, plan_shards(tensors, limit), tmp, _layer_metadata(entries))
+        config = dict(model_config) if model_config is not None else {}
+        config["quantization_config"] = qconfig
+        write_json(tmp / CONFIG_NAME, config)  # last: its presence marks a complete checkpoint
+    return Path(os.path.realpath(os.fspath(directory)))
+
+
+def _quantization_config(entries: dict, tied: dict, tied_modules: dict) -> dict:
     def uniform(key):
         values = {e[key] for e in entries.values()}
         return values.pop() if len(values) == 1 else None
 
-    qconfig = {
+    return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "library_version": library_version(),
@@ -263,25 +292,51 @@ def save_quantized(model: nn.Module, directory: PathLike, max_shard_size: Union[
         "tied": tied,
         "tied_modules": tied_modules,
     }
-    model_config = model_config_dict(model)
 
-    shards = plan_shards(tensors, limit)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with atomic_directory(directory, _own_model_file) as tmp:
-        files: dict[str, dict] = {}
-        weight_map: dict[str, str] = {}
-        for i, keys in enumerate(shards):
-            fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            files[fname] = save_tensors({k: tensors[k] for k in keys}, tmp / fname)
-            weight_map.update(dict.fromkeys(keys, fname))
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            files[WEIGHTS_INDEX_NAME] = write_json(tmp / WEIGHTS_INDEX_NAME, index)
-        qconfig["files"] = files
-        config = dict(model_config) if model_config is not None else {}
-        config["quantization_config"] = qconfig
-        write_json(tmp / CONFIG_NAME, config)  # last: its presence marks a complete checkpoint
-    return Path(os.path.realpath(os.fspath(directory)))
+
+# The packed layers' bits, group size and layout are also written into every
+# weights file's safetensors metadata, so that an edited config.json (3 bits
+# changed to 4, say) cannot silently reinterpret the codes.
+_LAYERS_METADATA_KEY = "qalora_ext.layers"
+
+
+def _layer_metadata(entries: dict) -> dict[str, str]:
+    table = {name: [e["bits"], e["group_size"], e["layout"]] for name, e in entries.items()}
+    return {_LAYERS_METADATA_KEY: json.dumps(table, sort_keys=True, separators=(",", ":"))}
+
+
+def _check_layer_metadata(path: Path, metadata: Optional[dict], modules: dict) -> None:
+    """The weights file's record of each packed layer agrees with config.json (files without it pass)."""
+    raw = (metadata or {}).get(_LAYERS_METADATA_KEY)
+    if raw is None:
+        return  # written before the record existed
+    try:
+        table = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable {_LAYERS_METADATA_KEY} metadata ({e})") from e
+    for name, entry in modules.items():
+        stored = table.get(name)
+        want = [entry.get("bits"), entry.get("group_size"), entry.get("layout")]
+        if stored is not None and list(stored) != want:
+            raise CheckpointError(
+                f"{path}: layer {name!r} was written with bits={stored[0]}, group_size={stored[1]}, "
+                f"layout={stored[2]} but config.json says bits={want[0]}, group_size={want[1]}, layout={want[2]}; "
+                f"the config was edited or belongs to another checkpoint")
+
+
+def _write_shards(tensors: dict, shards: list[list[str]], tmp: Path, metadata: dict) -> dict[str, dict]:
+    """The weight files (one, or shards with an index) in ``tmp``; returns their size/sha256 records."""
+    files: dict[str, dict] = {}
+    weight_map: dict[str, str] = {}
+    for i, keys in enumerate(shards):
+        fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        files[fname] = save_tensors({k: tensors[k] for k in keys}, tmp / fname, metadata)
+        weight_map.update(dict.fromkeys(keys, fname))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        files[WEIGHTS_INDEX_NAME] = write_json(tmp / WEIGHTS_INDEX_NAME, index)
+    return files
 
 
 def _read_quant_config(directory: Path, verify: bool) -> tuple[dict, dict]:
@@ -405,7 +460,7 @@ def load_quantized(directory: PathLike, model: Optional[nn.Module] = None, devic
     # that does not fit leaves the model as it was.
     new_layers = _plan_layers(model, qc["modules"], tied_modules)
     files = [f for f in qc["files"] if f.endswith(".safetensors")]
-    file_shapes = _stored_shapes(directory, files, qc["files"], tied)
+    file_shapes = _stored_shapes(directory, files, qc["files"], tied, qc["modules"])
     _check_state_fits(directory, model, new_layers, tied_modules, tied, file_shapes)
 
     for name, layer in new_layers.items():
@@ -447,17 +502,21 @@ def _plan_layers(model: nn.Module, modules: dict, tied_modules: dict) -> dict[st
     return new_layers
 
 
-def _stored_shapes(directory: Path, files: list[str], recorded: dict, tied: dict) -> dict[str, tuple]:
+def _stored_shapes(directory: Path, files: list[str], recorded: dict, tied: dict, modules: dict) -> dict[str, tuple]:
     """``{tensor name: shape}`` from the safetensors headers (no data read), index and ties checked."""
     file_shapes: dict[str, tuple] = {}
     file_of: dict[str, str] = {}
     for fname in files:
-        with safe_open(str(directory / fname), framework="pt") as f:
-            for k in f.keys():
-                if k in file_of:
-                    raise CheckpointError(f"{directory}: tensor {k!r} is in both {file_of[k]} and {fname}")
-                file_of[k] = fname
-                file_shapes[k] = tuple(f.get_slice(k).get_shape())
+        try:
+            with safe_open(str(directory / fname), framework="pt") as f:
+                _check_layer_metadata(directory / fname, f.metadata(), modules)
+                for k in f.keys():
+                    if k in file_of:
+                        raise CheckpointError(f"{directory}: tensor {k!r} is in both {file_of[k]} and {fname}")
+                    file_of[k] = fname
+                    file_shapes[k] = tuple(f.get_slice(k).get_shape())
+        except SafetensorError as e:
+            raise CheckpointError(f"{directory / fname}: not a readable safetensors file ({e})") from e
     if WEIGHTS_INDEX_NAME in recorded:
         index = read_json(directory / WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
         if index.get("weight_map") != file_of:
@@ -521,15 +580,15 @@ def _check_loaded(directory: Path, model: nn.Module, modules: dict) -> None:
                                   f"{(entry['scale_dtype'], entry['zero_dtype'])}")
 
 
-def save_model(model: nn.Module, tokenizer, out: PathLike) -> Path:
+def save_model(model: nn.Module, tokenizer, out: PathLike, max_shard_size: Union[int, str] = "2GB") -> Path:
     """Save a quantized model (adapters included, if any) with its tokenizer; loads with load_quantized.
 
-    The tokenizer goes in first: the weights are then written atomically with
-    config.json last, so a folder interrupted before the end never loads.
+    The tokenizer and the weights go into the folder together, in one atomic
+    replacement: an interrupted save leaves the previous folder as it was
+    (old tokenizer beside old weights) or the new one, never a mix.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.fspath(out))
-    return save_quantized(model, out)
-
+    if tokenizer is None:
+        return save_quantized(model, out, max_shard_size)
+    with tempfile.TemporaryDirectory(prefix="qalora-tokenizer-") as staging:
+        tokenizer.save_pretrained(staging)
+        return _save(model, out, max_shard_size, staged=Path(staging))

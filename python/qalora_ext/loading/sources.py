@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import warnings
@@ -27,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from ..checkpoint import QUANT_METHOD, load_quantized
+from ..checkpoint.files import read_json
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -170,8 +170,8 @@ def resolve_model(model: Optional[PathLike]) -> Path:
 
 
 def read_model_config(folder: Path) -> dict:
-    with open(folder / "config.json") as f:
-        return json.load(f)
+    """``config.json`` of a model folder (a CheckpointError naming the file when it is not a JSON object)."""
+    return read_json(Path(folder) / "config.json", "config.json")
 
 
 def is_quantized_checkpoint(folder: PathLike) -> bool:
