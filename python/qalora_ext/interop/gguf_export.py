@@ -754,27 +754,11 @@ def _write_file(out_path: Path, tensors: list[_Tensor], hp: dict, tok: dict, nam
 # ---------------------------------------------------------------------------
 
 
-def _load_folder(folder: PathLike, adapter: Optional[PathLike]):
-    # Kept only while the CLI passes folders; callers load the model themselves and pass it.
-    from ..checkpoint import load_adapter
-    from ..loading import is_quantized_checkpoint, load_model, resolve_model
-
-    path = resolve_model(folder)
-    if not is_quantized_checkpoint(path):
-        raise ValueError(f"{path} is not a qalora_ext quantized checkpoint; the GGUF exporter writes quantized "
-                         f"(merged) models: quantize it first")
-    lm, tok, _ = load_model(path, dtype=torch.float32)
-    if adapter is not None:
-        load_adapter(lm, adapter)
-    return lm, tok, Path(path).name
-
-
 def export_gguf(
-    model: Union[nn.Module, PathLike],
+    model: nn.Module,
     out_path: PathLike,
     tokenizer=None,
     *,
-    adapter: Optional[PathLike] = None,
     allow_larger: bool = False,
     lossy: bool = False,
     float_type: str = "f32",
@@ -786,10 +770,10 @@ def export_gguf(
 
     ``model``: a loaded model (its packed layers ``QuantLinear``, or
     ``QALoRALinear`` whose adapters are then folded into the zeros here, in
-    float64, without changing the model) with its ``tokenizer``. (Still
-    accepted, for the CLI, until it loads folders itself: the path of a
-    folder written by :func:`qalora_ext.save_quantized`, with ``adapter``
-    naming a folder written by :func:`qalora_ext.save_adapter`.)
+    float64, without changing the model) with its ``tokenizer`` (required:
+    the file carries the vocabulary). A saved folder is loaded by the caller
+    (:func:`qalora_ext.load_quantized`, :func:`qalora_ext.load_adapter`; the
+    CLI's ``qalora export`` does so).
 
     ``allow_larger``: write (bits, group_size) other than (4, 32), exactly,
     as Q4_1 at 5.0 bits/weight. ``lossy``: round scales that are not float16
@@ -810,14 +794,6 @@ def export_gguf(
     out_path = Path(os.fspath(out_path)).expanduser()
     if out_path.is_dir():
         raise IsADirectoryError(f"out_path {out_path} is a directory; give the .gguf file's path")
-    if isinstance(model, (str, os.PathLike)):
-        if tokenizer is not None:
-            raise ValueError("tokenizer: pass it only with a loaded model (a folder brings its own)")
-        model, tokenizer, folder_name = _load_folder(model, adapter)
-        name = name or folder_name
-    elif adapter is not None:
-        raise ValueError("adapter: pass it only with a folder; load it onto a loaded model with "
-                         "qalora_ext.load_adapter")
     with torch.no_grad():
         report = _export(model, out_path, tokenizer, allow_larger=allow_larger, lossy=lossy, float_type=float_type,
                          tokenizer_pre=tokenizer_pre, name=name, progress=progress)
@@ -857,7 +833,7 @@ def _report_notes(hp: dict, stats: _Stats, float_type: str, bits: int, group: in
         notes.append(f"mixed packed layers {hp['mixed']}: source bits/weight given for {bits}-bit G{group}")
     if not stats.layer_lost:
         notes.append("the model held no adapter (already merged?): the fraction of a merged adapter lost to "
-                     "float16 zeros cannot be known without it; export the unmerged model (or pass adapter=) to "
+                     "float16 zeros cannot be known without it; export the unmerged model (its adapter loaded) to "
                      "measure it")
     if float_type == "f16":
         notes.append(f"float tensors written as F16 (max change {stats.float_max_change:.3g})")

@@ -63,7 +63,6 @@ from ..nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
 
 __all__ = [
     "export_mlx",
-    "export_mlx_checkpoint",
     "MLXExportReport",
     "MLX_SUPPORTED_MODEL_TYPES",
     "MLX_STORAGE_DTYPES",
@@ -508,46 +507,3 @@ def export_mlx(
         max_weight_change=max((s["max_change"] for s in stats.values()), default=0.0), inexact_scales=inexact,
         notes=notes,
     )
-
-
-def export_mlx_checkpoint(
-    model_dir: PathLike,
-    out_dir: PathLike,
-    *,
-    adapter: Optional[PathLike] = None,
-    scale_dtype: Union[str, torch.dtype] = "float16",
-    dtype: Union[str, torch.dtype, None] = None,
-    max_shard_size: Union[int, str] = MLX_MAX_SHARD_SIZE,
-    progress: bool = True,
-    verify: bool = True,
-) -> MLXExportReport:
-    """A saved checkpoint to an MLX folder: kept only while ``qalora export`` (cli/__init__.py) calls it.
-
-    New code loads the folder itself (``load_quantized``, ``load_adapter``)
-    and calls :func:`export_mlx`.
-
-    ``model_dir``: a folder written by :func:`qalora_ext.save_quantized`
-    (merged, or with its adapters); ``adapter``: an adapter folder written by
-    :func:`qalora_ext.save_adapter`, loaded onto it and merged in float64 by
-    the export (so its lost fraction is exact). Tokenizer files are copied
-    from ``model_dir``. See :func:`export_mlx` for the other options.
-    """
-    from ..checkpoint import load_adapter, load_quantized
-    from ..loading import is_quantized_checkpoint
-
-    src = Path(os.path.realpath(os.fspath(model_dir)))
-    if not src.is_dir():
-        raise FileNotFoundError(f"export_mlx: {src}: no such model folder")
-    if not is_quantized_checkpoint(src):
-        raise ValueError(f"export_mlx: {src} is not a qalora_ext checkpoint (no quantization_config with "
-                         f"quant_method 'qalora_ext'); quantize it first (qalora quantize)")
-    if Path(os.path.realpath(os.fspath(out_dir))) == src:
-        raise ValueError(f"export_mlx: out_dir is the source checkpoint {src}; export to a new folder")
-    model = load_quantized(src, verify=verify)
-    if adapter is not None:
-        load_adapter(model, adapter, verify=verify)
-    tokenizer = src if _find_tokenizer_files(src) else None
-    if tokenizer is None:
-        model.config._name_or_path = ""  # do not look elsewhere; export_mlx warns
-    return export_mlx(model, out_dir, tokenizer=tokenizer, scale_dtype=scale_dtype, dtype=dtype,
-                      max_shard_size=max_shard_size, progress=progress)
