@@ -11,6 +11,8 @@ from . import _C, ops, reference  # noqa: F401  (_C registers the torch ops)
 from .checkpoint import load_adapter, load_quantized, save_adapter, save_quantized
 from .format import LAYOUT_CANONICAL
 from .model import add_adapters, merge_adapters, quantize_model, set_int8_activations
+from .interop import hf as _hf
+from .interop.hf import load_peft_adapter, prepare_lora_config
 from .nn import QALoRALinear, QuantLinear
 
 __version__ = _C.__version__
@@ -29,7 +31,13 @@ __all__ = [
     "build_info",
     "set_cpu_isa",
     "LAYOUT_CANONICAL",
+    "prepare_lora_config",
+    "load_peft_adapter",
 ]
+
+# transformers: `quant_method: "qalora_ext"` folders load with from_pretrained. Lazy: registers when
+# transformers' quantizer registry is imported (or now, if it already is); see interop/hf/__init__.py.
+_hf.install()
 
 
 def set_cpu_isa(name: str) -> None:
