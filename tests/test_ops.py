@@ -365,9 +365,9 @@ def test_raw_ops_reject_mixed_devices_and_bad_arguments():
     A, B = _adapter(64, 4)
     x = torch.randn(2, 128)
     op = torch.ops.qalora
-    with pytest.raises(ValueError, match="packed is on meta but the input is on cpu"):
+    with pytest.raises(ValueError, match="the input is on cpu but the weight is on meta"):
         op.qlinear(x, packed.to("meta"), scale.to("meta"), zero.to("meta"), None, None, None, None, 1.0, 4, 32, 1)
-    with pytest.raises(ValueError, match="on meta"):
+    with pytest.raises(ValueError, match="packed, scale and zero must be on one device; got cpu, meta, cpu"):
         op.qlinear_grad_input(torch.randn(2, 64), packed, scale.to("meta"), zero, None, None, None, 1.0, 4, 32, 1)
     with pytest.raises(ValueError, match="needs lora_A and lora_B"):
         op.qlinear(x, packed, scale, zero, None, None, None, torch.ones(2, 4), 1.0, 4, 32, 1)

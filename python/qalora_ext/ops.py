@@ -280,10 +280,104 @@ def packed_linear(
 # ---------------------------------------------------------------------------
 
 
+# The fake kernels run the checks the C++ bindings run (csrc/checks.h), with
+# the same exception types and messages, so an argument the real kernel refuses
+# is refused on the meta device and under torch.compile too.
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fail_value(ok, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def _fail_type(ok, msg: str) -> None:
+    if not ok:
+        raise TypeError(msg)
+
+
+def _fake_layout_bits(bits: int, layout: Optional[int] = None, group_size: Optional[int] = None) -> None:
+    if layout is not None:
+        _fail_value(layout == LAYOUT_CANONICAL,
+                    f"packed layout id {layout} is not known to this build (known: 1 = canonical row bitstream v1)")
+    _fail_value(2 <= bits <= 4, f"bits must be 2, 3 or 4; got {bits}")
+    if group_size is not None:
+        _fail_value(group_size in (32, 64, 128), f"group_size must be 32, 64 or 128; got {group_size}")
+
+
+def _fake_packed(packed: torch.Tensor, bits: int, in_features: int) -> None:
+    _fail_type(packed.dtype == torch.int32, f"packed must be int32; got {packed.dtype}")
+    _fail_value(packed.dim() == 2, f"packed must be 2-D (out_features, words); got shape {tuple(packed.shape)}")
+    want = packed_row_words(in_features, bits)
+    _fail_value(packed.shape[1] == want, f"packed has {packed.shape[1]} words per row; in_features={in_features} "
+                                         f"at bits={bits} needs {want} (layout 1)")
+
+
+def _fake_quant_weight(packed, scale, zero, bits, group_size, layout) -> None:
+    _fake_layout_bits(bits, layout, group_size)
+    _fail_value(scale.dim() == 2, f"scale must be 2-D (out_features, groups); got shape {tuple(scale.shape)}")
+    _fail_value(zero.shape == scale.shape, f"zero has shape {tuple(zero.shape)} but scale has "
+                                           f"{tuple(scale.shape)}; both must be (out_features, in_features / group_size)")
+    _fail_value(scale.shape[1] > 0, f"scale must have at least one group; got shape {tuple(scale.shape)}")
+    for name, t in (("scale", scale), ("zero", zero)):
+        _fail_type(t.dtype in _FLOATS, f"{name} must be float32, float16 or bfloat16; got {t.dtype}")
+    _fake_packed(packed, bits, scale.shape[1] * group_size)
+    _fail_value(packed.shape[0] == scale.shape[0], f"packed has {packed.shape[0]} rows but scale has "
+                                                   f"{scale.shape[0]} (out_features must agree)")
+    _fail_value(packed.device == scale.device == zero.device, f"packed, scale and zero must be on one device; "
+                                                              f"got {packed.device}, {scale.device}, {zero.device}")
+
+
+def _fake_activation(x, features: int, what: str) -> None:
+    _fail_value(x.dim() >= 1 and x.shape[-1] == features,
+                f"{what} must have last dimension {features}; got shape {tuple(x.shape)}")
+    if x.device.type == "cpu":
+        _fail_type(x.dtype in (torch.float32, torch.bfloat16),
+                   f"{what} must be float32 or bfloat16 on CPU; got {x.dtype}")
+    else:
+        _fail_type(x.dtype in _FLOATS, f"{what} must be float16, bfloat16 or float32; got {x.dtype}")
+
+
+def _fake_linear_checks(op, x, features, packed, scale, zero, lora_A, lora_B, pool_mask, bias, bits, group_size,
+                        layout) -> None:
+    _fake_quant_weight(packed, scale, zero, bits, group_size, layout)
+    n, groups = packed.shape[0], scale.shape[1]
+    _fake_activation(x, features, "x" if op != "qlinear_grad_input" else "grad_out")
+    for t in (packed, scale, zero):
+        _fail_value(t.device == x.device, f"{op}: all tensors must be on one device; the input is on {x.device} "
+                                          f"but the weight is on {t.device}")
+    _fail_value((lora_A is None) == (lora_B is None), "lora_A and lora_B must be given together")
+    if lora_A is not None:
+        _fail_value(lora_A.dim() == 2 and lora_A.shape[1] == groups and lora_A.shape[0] >= 1,
+                    f"lora_A must be (rank, in_features / group_size) = (r, {groups}); got shape {tuple(lora_A.shape)}")
+        _fail_value(lora_B.dim() == 2 and lora_B.shape[0] == n and lora_B.shape[1] == lora_A.shape[0],
+                    f"lora_B must be (out_features, rank) = ({n}, {lora_A.shape[0]}); got shape {tuple(lora_B.shape)}")
+        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            _fail_type(t.is_floating_point(), f"{name} must be floating point; got {t.dtype}")
+            _fail_value(t.device == x.device, f"lora_A/lora_B are on {t.device} but the input is on {x.device}")
+    if bias is not None:
+        _fail_value(bias.dim() == 1 and bias.shape[0] == n,
+                    f"bias must be (out_features,) = ({n},); got shape {tuple(bias.shape)}")
+        _fail_type(bias.is_floating_point(), f"bias must be floating point; got {bias.dtype}")
+        _fail_value(bias.device == x.device, f"bias is on {bias.device} but the input is on {x.device}")
+    if pool_mask is not None:
+        _fail_value(lora_A is not None, "pool_mask is the adapter's dropout mask; it needs lora_A and lora_B")
+        want = (*x.shape[:-1], groups)
+        _fail_value(tuple(pool_mask.shape) == want, f"pool_mask must have shape {want} (the input's leading dims, "
+                                                    f"then groups); got {tuple(pool_mask.shape)}")
+        _fail_value(pool_mask.device == x.device,
+                    f"pool_mask is on {pool_mask.device} but the input is on {x.device}")
+
+
 @torch.library.register_fake("qalora::quantize_rtn")
 def _quantize_rtn_fake(weight, bits, group_size, scale_dtype, zero_dtype):
-    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D; got {tuple(weight.shape)}")
+    _fake_layout_bits(bits, group_size=group_size)
+    _fail_value(weight.dim() == 2, f"weight must be 2-D (out_features, in_features); got shape {tuple(weight.shape)}")
+    _fail_type(weight.is_floating_point(), f"weight must be a floating tensor; got {weight.dtype}")
     n, k = weight.shape
+    _fail_value(k > 0 and k % group_size == 0,
+                f"weight: in_features ({k}) must be a positive multiple of group_size ({group_size})")
     groups = k // group_size
     packed = weight.new_empty((n, packed_row_words(k, bits)), dtype=torch.int32)
     return packed, weight.new_empty((n, groups), dtype=scale_dtype), weight.new_empty((n, groups), dtype=zero_dtype)
@@ -291,53 +385,48 @@ def _quantize_rtn_fake(weight, bits, group_size, scale_dtype, zero_dtype):
 
 @torch.library.register_fake("qalora::pack")
 def _pack_fake(codes, bits):
+    _fake_layout_bits(bits)
+    _fail_value(codes.dim() == 2, f"codes must be 2-D (out_features, in_features); got shape {tuple(codes.shape)}")
+    _fail_type(codes.dtype == torch.uint8, f"codes must be uint8; got {codes.dtype}")
     n, k = codes.shape
+    _fail_value(k % 32 == 0, f"codes: in_features must be a multiple of 32; got {k}")
     return codes.new_empty((n, packed_row_words(k, bits)), dtype=torch.int32)
 
 
 @torch.library.register_fake("qalora::unpack")
 def _unpack_fake(packed, bits, in_features, layout):
+    _fake_layout_bits(bits, layout)
+    _fail_value(in_features > 0 and in_features % 32 == 0,
+                f"in_features must be a positive multiple of 32; got {in_features}")
+    _fake_packed(packed, bits, in_features)
     return packed.new_empty((packed.shape[0], in_features), dtype=torch.uint8)
 
 
 @torch.library.register_fake("qalora::dequantize")
 def _dequantize_fake(packed, scale, zero, bits, group_size, layout):
+    _fake_quant_weight(packed, scale, zero, bits, group_size, layout)
     return packed.new_empty((packed.shape[0], scale.shape[1] * group_size), dtype=torch.float32)
-
-
-def _fake_checks(op, x, features, packed, scale, zero, lora_A, lora_B, pool_mask, bias=None):
-    # The fake kernel also runs when only SOME arguments are on the meta
-    # device; without these checks a CPU input would get an uninitialized
-    # CPU result instead of an error.
-    for name, t in (("packed", packed), ("scale", scale), ("zero", zero), ("bias", bias), ("lora_A", lora_A),
-                    ("lora_B", lora_B), ("pool_mask", pool_mask)):
-        if t is not None:
-            torch._check_value(t.device == x.device,
-                               lambda: f"{op}: {name} is on {t.device} but the input is on {x.device}")
-    torch._check_value(x.shape[-1] == features,
-                       lambda: f"{op}: input must have last dimension {features}; got {tuple(x.shape)}")
-    torch._check_value((lora_A is None) == (lora_B is None), lambda: "lora_A and lora_B must be given together")
-    torch._check_value(pool_mask is None or lora_A is not None,
-                       lambda: "pool_mask is the adapter's dropout mask; it needs lora_A and lora_B")
 
 
 @torch.library.register_fake("qalora::qlinear")
 def _qlinear_fake(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout):
-    _fake_checks("qlinear", x, scale.shape[1] * group_size, packed, scale, zero, lora_A, lora_B, pool_mask, bias)
+    _fake_linear_checks("qlinear", x, scale.shape[1] * group_size if scale.dim() == 2 else -1, packed, scale, zero,
+                        lora_A, lora_B, pool_mask, bias, bits, group_size, layout)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 @torch.library.register_fake("qalora::qlinear_int8")
 def _qlinear_int8_fake(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout):
-    _fake_checks("qlinear_int8", x, scale.shape[1] * group_size, packed, scale, zero, lora_A, lora_B, pool_mask,
-                 bias)
+    _fake_linear_checks("qlinear_int8", x, scale.shape[1] * group_size if scale.dim() == 2 else -1, packed, scale,
+                        zero, lora_A, lora_B, pool_mask, bias, bits, group_size, layout)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 @torch.library.register_fake("qalora::qlinear_grad_input")
 def _qlinear_grad_input_fake(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, scaling, bits, group_size,
                              layout):
-    _fake_checks("qlinear_grad_input", grad_out, packed.shape[0], packed, scale, zero, lora_A, lora_B, pool_mask)
+    _fake_linear_checks("qlinear_grad_input", grad_out, packed.shape[0] if packed.dim() == 2 else -1, packed, scale,
+                        zero, lora_A, lora_B, pool_mask, None, bits, group_size, layout)
     return grad_out.new_empty((*grad_out.shape[:-1], scale.shape[1] * group_size))
 
 
