@@ -18,7 +18,7 @@ Tables on stdout (progress goes to stderr):
 * **adapter**: INT4 time with a random float32 (lora_A, lora_B) of rank r
   against the same call without, as an overhead percentage.
 * **crossover**: time of the op (INT4 unless --crossover-bits) at M rows
-  around the small-M threshold (``kSmallMThreshold`` in csrc/ops_common.h:
+  around the small-M threshold (``kSmallMThreshold`` in csrc/checks.h:
   below it the packed small-M kernel runs; at or above it blocks of W are
   dequantized and BLAS does the GEMM), beside a Python stand-in for the
   large-M path that runs at any M (an upper bound of its cost). Where the
@@ -438,7 +438,7 @@ def adapter_cases(args, gen: torch.Generator) -> list[Case]:
 
 
 def dequant_block_rows(k: int) -> int:
-    """The block height of the op's large-M path (csrc/ops.cpp, dequant_block_rows)."""
+    """The block height of the op's large-M path (csrc/cpu/ops_cpu.cpp, dequant_block_rows)."""
     rows = (4 << 20) // (4 * k)
     return max(64, min(1024, rows // 16 * 16))
 
@@ -446,7 +446,7 @@ def dequant_block_rows(k: int) -> int:
 def large_path_replica(x, p, s, z, bits: int, G: int, dequant_only: bool = False) -> torch.Tensor:
     """A Python stand-in for the op's large-M path, runnable at any M: dequantize blocks of
     rows, then y[:, block] = x @ W_blk^T, each step a separate parallel call. The op itself
-    does both inside one parallel region (csrc/ops.cpp) and is faster, so this is an upper
+    does both inside one parallel region (csrc/cpu/ops_cpu.cpp) and is faster, so this is an upper
     bound of the large path's cost."""
     n = p.shape[0]
     rows = dequant_block_rows(s.shape[1] * G)

@@ -288,3 +288,27 @@ def test_integer_input_is_refused_and_meta_runs():
         q(torch.randint(-3, 3, (2, 64)))
     y = q.to("meta")(torch.randn(5, 64, device="meta"))
     assert y.device.type == "meta" and y.shape == (5, 16) and y.dtype == torch.float32
+
+
+def test_frozen_buffers_that_require_grad_are_refused():
+    """scale.requires_grad = True would silently get a None gradient: refused, naming the tensor."""
+    torch.manual_seed(16)
+    q = QuantLinear.from_linear(nn.Linear(64, 16), bits=4, group_size=32)
+    for name in ("scale", "zero"):
+        getattr(q, name).requires_grad_(True)
+        with pytest.raises(ValueError, match=f"qlinear: {name} requires grad, but the packed weight is frozen"):
+            q(torch.randn(3, 64))
+        getattr(q, name).requires_grad_(False)
+    q(torch.randn(3, 64))
+
+
+def test_double_backward_is_refused():
+    torch.manual_seed(17)
+    layer = QALoRALinear.from_linear(nn.Linear(64, 16), bits=4, group_size=32, rank=4)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = layer(x).square().sum()
+    (g,) = torch.autograd.grad(y, x)  # first order is fine
+    assert g.shape == x.shape
+    y = layer(x).square().sum()
+    with pytest.raises(RuntimeError, match="qlinear has no second derivative"):
+        torch.autograd.grad(y, x, create_graph=True)

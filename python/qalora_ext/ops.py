@@ -1,6 +1,6 @@
 """Typed wrappers of the ``torch.ops.qalora`` ops, their fake kernels and autograd.
 
-The schemas live in ``csrc/ops.cpp`` (``TORCH_LIBRARY(qalora, m)``); the CPU
+The schemas live in ``csrc/torch_bindings.cpp`` (``TORCH_LIBRARY(qalora, m)``); the CPU
 kernels (and CUDA kernels where built) register there. This module adds what
 torch needs from Python: fake (meta) kernels, so the ops trace under
 ``torch.compile`` and run on the meta device, and the autograd formula of
@@ -437,6 +437,12 @@ def _qlinear_grad_input_fake(grad_out, packed, scale, zero, lora_A, lora_B, pool
 
 def _qlinear_setup_context(ctx, inputs, output):
     x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout = inputs
+    for name, t in (("packed", packed), ("scale", scale), ("zero", zero)):
+        if t.requires_grad:
+            # Autograd would hand back None for it silently (SPEC: the codes, scales
+            # and zeros are frozen buffers).
+            raise ValueError(f"qlinear: {name} requires grad, but the packed weight is frozen (it gets no gradient); "
+                             f"train the adapter (lora_A, lora_B) instead, and leave {name}.requires_grad False")
     ctx.meta = (scaling, bits, group_size, layout)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -459,6 +465,11 @@ def _detach(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _qlinear_backward(ctx, grad_out):
+    if torch.is_grad_enabled():
+        # The engine enables grad mode in backward only for create_graph=True:
+        # a second derivative, which this formula does not provide (it would be zero, silently).
+        raise RuntimeError("qlinear has no second derivative: backward(create_graph=True) / double backward "
+                           "through a packed layer is not supported")
     packed, scale, zero, lora_A, lora_B, pool_mask, pooled = ctx.saved_tensors
     scaling, bits, group_size, layout = ctx.meta
     grad_x = grad_bias = grad_A = grad_B = None
