@@ -150,3 +150,22 @@ def test_quantize_model_gptq_is_the_gptq_quantizer():
         assert torch.equal(la.packed, lb.packed) and torch.equal(la.scale, lb.scale) and torch.equal(la.zero, lb.zero)
         differs |= not torch.equal(la.packed, rtn.get_submodule(n).packed)
     assert differs  # GPTQ, not RTN
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_merge_refuses_non_finite_adapters_naming_the_layer(bad):
+    torch.manual_seed(18)
+    model = TinyLM()
+    qalora_ext.quantize_model(model, bits=3, group_size=32, progress=False)
+    qalora_ext.add_adapters(model, rank=4)
+    last = [n for n, m in model.named_modules() if isinstance(m, QALoRALinear)][-1]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QALoRALinear):
+                m.lora_B.normal_(0, 0.1)
+        model.get_submodule(last).lora_B[0, 0] = bad
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=rf"merge_adapters: layer '{last}': the adapter holds NaN or infinite values "
+                                         r"\(lora_B\)"):
+        qalora_ext.merge_adapters(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before  # nothing merged

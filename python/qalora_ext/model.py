@@ -201,10 +201,17 @@ def merge_adapters(model: nn.Module) -> dict[str, float]:
     names = [n for n, m in model.named_modules() if isinstance(m, QALoRALinear)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # Every layer is merged (and checked: NaN adapters, overflowing zeros)
+        # before any is replaced, so an error leaves the model as it was.
+        merged: dict[str, QuantLinear] = {}
         for name in names:
-            merged = model.get_submodule(name).merge()
-            report[name] = merged.merge_lost_fraction
-            set_module(model, name, merged)
+            try:
+                merged[name] = model.get_submodule(name).merge()
+            except ValueError as e:
+                raise ValueError(f"merge_adapters: layer {name!r}: {e}") from e
+            report[name] = merged[name].merge_lost_fraction
+        for name, layer in merged.items():
+            set_module(model, name, layer)
     bad = {n: f for n, f in report.items() if f > MERGE_WARN_FRACTION}
     if bad:
         worst = max(bad, key=bad.get)

@@ -266,7 +266,12 @@ class QALoRALinear(nn.Module):
         """
         A = self.lora_A.detach().double()
         B = self.lora_B.detach().double()
-        return self.scaling * (B @ A) / self.base.group_size
+        delta = self.scaling * (B @ A) / self.base.group_size
+        if not bool(torch.isfinite(delta).all()):
+            bad = [n for n, t in (("lora_A", A), ("lora_B", B)) if not bool(torch.isfinite(t).all())]
+            raise ValueError(f"the adapter holds NaN or infinite values ({', '.join(bad) or 's * B @ A overflows'}); "
+                             f"it cannot be merged or exported (a diverged training run?)")
+        return delta
 
     @torch.no_grad()
     def merge(self) -> QuantLinear:
@@ -281,6 +286,9 @@ class QALoRALinear(nn.Module):
         delta = self.zero_delta()
         zero64 = base.zero.double() + delta
         zero_stored = round_to_storage(zero64, base.zero.dtype)
+        if not bool(torch.isfinite(zero_stored).all()):
+            raise ValueError(f"merge: a merged zero overflows {base.zero.dtype}; store zeros as float32 "
+                             f"(zero_dtype=torch.float32)")
         denom = delta.norm().item()
         lost = 0.0 if denom == 0.0 else ((zero_stored.double() - base.zero.double() - delta).norm().item() / denom)
         merged = QuantLinear(base.in_features, base.out_features, base.bits, base.group_size, base.bias is not None,
