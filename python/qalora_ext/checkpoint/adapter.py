@@ -107,6 +107,12 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
 def load_adapter(model: nn.Module, directory: PathLike, *, verify: bool = True) -> nn.Module:
     """Load adapters saved by :func:`save_adapter` onto a quantized model; returns it.
 
+    A PEFT adapter trained with ``LoraConfig(use_qalora=True)`` (PEFT's
+    ``save_pretrained``, e.g. on our layers through
+    ``qalora_ext.prepare_lora_config``) is detected and converted to SPEC's
+    mean pooling (``A_ours = L * A_peft``); the conversion is recorded as
+    ``model.qalora_adapter_import``.
+
     Each target layer must exist and be quantized with the adapter's group
     size (the pooling groups are the quantization groups, SPEC). A plain
     ``QuantLinear`` is wrapped in a new ``QALoRALinear``; an existing
@@ -118,6 +124,8 @@ def load_adapter(model: nn.Module, directory: PathLike, *, verify: bool = True) 
     another quantization.
     """
     directory = Path(os.path.realpath(os.fspath(directory)))
+    if _is_peft_qalora(directory):
+        return _load_peft_qalora(model, directory)
     cfg, cfg_path = _read_adapter_config(directory)
     verify_files(directory, cfg.get("files"), verify)
     targets = cfg.get("target_modules")
@@ -129,6 +137,25 @@ def load_adapter(model: nn.Module, directory: PathLike, *, verify: bool = True) 
     for name, layer, base, lc, A, B in plan:
         _apply_layer(model, name, layer, base, lc, A, B)
     freeze_all_but_adapters(model)
+    return model
+
+
+def _is_peft_qalora(directory: Path) -> bool:
+    """A PEFT adapter saved with ``LoraConfig(use_qalora=True)`` (PEFT's pooling convention, not ours)."""
+    cfg_path = directory / ADAPTER_CONFIG_NAME
+    if not cfg_path.is_file():
+        return False
+    cfg = read_json(cfg_path, ADAPTER_CONFIG_NAME)
+    return str(cfg.get("peft_type", "")).upper() == "LORA" and bool(cfg.get("use_qalora", False))
+
+
+def _load_peft_qalora(model: nn.Module, directory: Path) -> nn.Module:
+    """Convert on load (``A_ours = L * A_peft``, SPEC) and record what was done as
+    ``model.qalora_adapter_import`` (the importer's report: source, convention, per-layer factors)."""
+    from ..interop.peft_import import import_peft_qalora
+
+    report = import_peft_qalora(model, directory)
+    model.qalora_adapter_import = report
     return model
 
 
