@@ -312,3 +312,20 @@ def test_double_backward_is_refused():
     y = layer(x).square().sum()
     with pytest.raises(RuntimeError, match="qlinear has no second derivative"):
         torch.autograd.grad(y, x, create_graph=True)
+
+
+def test_state_dict_across_bit_widths_or_cast_is_refused():
+    """INT3 and INT4 at K = 32 have the same words per row: the state dict's metadata tells them apart."""
+    torch.manual_seed(19)
+    lin = nn.Linear(32, 8)
+    q3 = QuantLinear.from_linear(lin, bits=3, group_size=32)
+    q4 = QuantLinear.from_linear(lin, bits=4, group_size=32)
+    assert q3.packed.shape == q4.packed.shape
+    with pytest.raises(RuntimeError, match="saved from a layer with bits=4.*this layer has bits=3"):
+        q3.load_state_dict(q4.state_dict())
+    sd = {k: (v.half() if v.is_floating_point() or v.dtype == torch.int32 else v) for k, v in q3.state_dict().items()}
+    with pytest.raises(RuntimeError, match="packed must be int32 .*got torch.float16"):
+        q3.load_state_dict(sd)
+    other = QuantLinear.from_linear(nn.Linear(32, 8), bits=3, group_size=32)
+    other.load_state_dict(q3.state_dict())  # same format: loads
+    assert torch.equal(other.packed, q3.packed)

@@ -157,6 +157,42 @@ class QuantLinear(nn.Module):
                                  group_size=self.group_size, layout=self.layout,
                                  int8_activations=self.int8_activations)
 
+    # -- state dicts: the format travels with the data ----------------------
+
+    def _format_record(self) -> list:
+        return [self.bits, self.group_size, self.layout, self.in_features]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The state dict's per-module metadata records what the packed words
+        # mean, so loading into a layer of another bit width is refused even
+        # when the word counts happen to agree (INT3 and INT4 at K = 32).
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]]["qalora_format"] = self._format_record()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        recorded = local_metadata.get("qalora_format")
+        if recorded is not None and list(recorded) != self._format_record():
+            b, g, layout, k = recorded
+            error_msgs.append(f"{prefix}packed: saved from a layer with bits={b}, group_size={g}, layout={layout}, "
+                              f"in_features={k}; this layer has bits={self.bits}, group_size={self.group_size}, "
+                              f"layout={self.layout}, in_features={self.in_features}")
+            return
+        packed = state_dict.get(prefix + "packed")
+        if packed is not None and packed.dtype != torch.int32:
+            error_msgs.append(f"{prefix}packed must be int32 (packed words); got {packed.dtype}: a cast state dict "
+                              f"(.half(), .float()) reinterprets the codes as numbers")
+            return
+        for name in ("scale", "zero"):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                error_msgs.append(f"{prefix}{name} must be float16, bfloat16 or float32; got {t.dtype}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _apply(self, fn, recurse=True):
         # Scales and zeros keep their storage dtypes through .half()/.to(dtype):
         # a dtype cast would re-round them (and erase a merged adapter). Only
