@@ -115,6 +115,13 @@ def test_registration_is_lazy_and_happens_in_either_import_order():
         "import qalora_ext\n"
         "print(a.AUTO_QUANTIZER_MAPPING['qalora_ext'].__name__)\n")
     assert out.split() == ["QALoRAExtHfQuantizer"]
+    # registering eagerly (the module's own import fires the hook) registers once, without a warning
+    out = run_python(
+        "import warnings; warnings.simplefilter('error', UserWarning)\n"
+        "from qalora_ext.interop.hf import register_transformers; register_transformers()\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as Q\n"
+        "print(Q['qalora_ext'].__name__)\n")
+    assert out.split() == ["QALoRAExtHfQuantizer"]
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen2"])

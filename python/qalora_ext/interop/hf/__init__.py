@@ -25,6 +25,7 @@ import warnings
 __all__ = ["install", "register_transformers", "prepare_lora_config", "load_peft_adapter"]
 
 _TARGET = "transformers.quantizers.auto"
+_QUANTIZER_MODULE = __name__ + ".transformers_quantizer"
 _lock = threading.Lock()
 
 
@@ -36,6 +37,10 @@ def register_transformers() -> None:
 
 
 def _register_quietly() -> None:
+    if _QUANTIZER_MODULE in sys.modules:
+        # Being imported right now (its own import of transformers' registry fired the hook): it registers
+        # itself when its body completes.
+        return
     try:
         register_transformers()
     except Exception as e:  # never break the user's import of transformers

@@ -226,3 +226,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(QALoRAExtConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(QALoRAExtHfQuantizer)
+
+
+register()  # importing this module registers (the import hook in interop/hf/__init__.py imports it)
