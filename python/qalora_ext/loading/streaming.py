@@ -62,7 +62,7 @@ class ShardReader:
 
 def _materialize(model: nn.Module, prefix: str, reader: ShardReader, dtype: torch.dtype,
                  skip: Callable[[str], bool] = lambda name: False) -> None:
-    """Give every meta parameter under ``prefix`` its tensor from the checkpoint (assigned, not copied)."""
+    """Give every meta parameter and saved buffer under ``prefix`` its tensor from the checkpoint (assigned)."""
     root = model.get_submodule(prefix) if prefix else model
     for name, param in list(root.named_parameters(recurse=True)):
         full = f"{prefix}.{name}" if prefix else name
@@ -74,6 +74,14 @@ def _materialize(model: nn.Module, prefix: str, reader: ShardReader, dtype: torc
         if value.is_floating_point():
             value = value.to(dtype)
         owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    for name, buf in list(root.named_buffers(recurse=True)):
+        full = f"{prefix}.{name}" if prefix else name
+        owner_name, _, attr = full.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if buf.device.type != "meta" or skip(full) or attr in owner._non_persistent_buffers_set:
+            continue
+        value = reader.get(full)
+        owner._buffers[attr] = value.to(dtype) if value.is_floating_point() else value
 
 
 def release_freed_memory() -> None:
@@ -189,7 +197,7 @@ def quantize_pretrained(
                             zero_dtype=zero_dtype, target_modules=sorted(targets), progress=progress,
                             before_block=before_block, **gptq_options)
     _tie_output_head(lm)
-    left = [n for n, p in lm.named_parameters() if p.device.type == "meta"]
+    left = [n for n, p in (*lm.named_parameters(), *lm.named_buffers()) if p.device.type == "meta"]
     if left:
         raise ValueError(f"{folder}: tensors missing from the checkpoint: {left[:5]}")
     lm.eval()
