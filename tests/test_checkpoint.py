@@ -636,3 +636,38 @@ def test_unreadable_files_are_named(tmp_path):
     (out / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
     with pytest.raises(CheckpointError, match="config.json: config.json is not text"):
         qe.load_quantized(out, model=copy.deepcopy(fresh))
+
+
+@pytest.mark.parametrize("edit", ["layout_float", "layout_module_float", "adapter_not_object", "packed_int64",
+                                  "packed_float32"])
+def test_malformed_checkpoints_fail_at_load_naming_the_problem(tmp_path, edit):
+    """Each of these once loaded and failed only at the first forward (or with an AttributeError)."""
+    from safetensors.torch import load_file, save_file
+
+    fresh, model, _, _ = _make(3, adapters=True)
+    out = tmp_path / "ck"
+    qe.save_quantized(model, out)
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    first = next(iter(qc["modules"]))
+    if edit == "layout_float":
+        qc["packed_layout"] = 1.0
+        want = "packed_layout 1.0 is not known"
+    elif edit == "layout_module_float":
+        qc["modules"][first]["layout"] = 1.0
+        want = "packed layout 1.0 is not known"
+    elif edit == "adapter_not_object":
+        qc["modules"][first]["adapter"] = "rank 4"
+        want = "its adapter entry must be an object"
+    else:
+        tensors = load_file(str(out / "model.safetensors"))
+        key = f"{first}.base.packed"
+        tensors[key] = tensors[key].long() if edit == "packed_int64" else tensors[key].float()
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        from qalora_ext.checkpoint.files import hash_file
+
+        qc["files"]["model.safetensors"] = hash_file(out / "model.safetensors")
+        want = "packed must be int32"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=want):
+        qe.load_quantized(out, model=copy.deepcopy(fresh), verify=False)

@@ -50,7 +50,7 @@ def check_store_dtypes(scale_dtype, zero_dtype, names=("scale_dtype", "zero_dtyp
 
 
 def check_layout(layout) -> None:
-    if layout not in KNOWN_LAYOUTS:
+    if isinstance(layout, bool) or not isinstance(layout, int) or layout not in KNOWN_LAYOUTS:
         raise ValueError(f"packed layout id {layout!r} is not known (known: {KNOWN_LAYOUTS})")
 
 

@@ -357,7 +357,7 @@ def _read_quant_config(directory: Path, verify: bool) -> tuple[dict, dict]:
                               f"this checkpoint is not in the qalora_ext format")
     check_format_version(qc.get("format_version"), str(cfg_path))
     layout = qc.get("packed_layout")
-    if layout not in KNOWN_LAYOUTS:
+    if isinstance(layout, bool) or not isinstance(layout, int) or layout not in KNOWN_LAYOUTS:
         raise CheckpointError(f"{cfg_path}: packed_layout {layout!r} is not known to this qalora_ext "
                               f"(known: {KNOWN_LAYOUTS}); upgrade qalora_ext")
     if qc.get("packed_layout_name", KNOWN_LAYOUTS[layout]) != KNOWN_LAYOUTS[layout]:
@@ -373,7 +373,7 @@ def _build_layer(name: str, entry: dict) -> nn.Module:
     """An empty (meta) layer shaped as ``entry``, ready for assign-loading."""
     try:
         layout = entry["layout"]
-        if layout not in KNOWN_LAYOUTS:
+        if isinstance(layout, bool) or not isinstance(layout, int) or layout not in KNOWN_LAYOUTS:
             raise CheckpointError(f"packed layout {layout!r} is not known (known: {KNOWN_LAYOUTS})")
         ql = QuantLinear(
             int(entry["in_features"]), int(entry["out_features"]), entry["bits"], entry["group_size"],
@@ -385,6 +385,8 @@ def _build_layer(name: str, entry: dict) -> nn.Module:
         ad = entry.get("adapter")
         if ad is None:
             return ql
+        if not isinstance(ad, dict):
+            raise CheckpointError(f"module {name!r}: its adapter entry must be an object; got {ad!r}")
         if ad.get("pooling", "mean") != "mean":
             raise CheckpointError(f"adapter pooling {ad.get('pooling')!r} is not supported (only 'mean')")
         layer = QALoRALinear(ql, int(ad["rank"]), float(ad["alpha"]), float(ad["dropout"]), bool(ad["use_rslora"]))
