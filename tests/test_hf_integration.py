@@ -144,6 +144,21 @@ def test_from_pretrained_matches_load_quantized(which, folder, qwen_folder):
     assert torch.equal(logits(hf, x), logits(ours, x))
 
 
+def test_a_folder_with_adapters_loads_them_trainable(folder, tmp_path):
+    model = load_quantized(folder)
+    qalora_ext.add_adapters(model, rank=4, alpha=8, target_modules=["q_proj", "down_proj"])
+    for m in model.modules():
+        if isinstance(m, qalora_ext.QALoRALinear):
+            torch.nn.init.normal_(m.lora_B, 0, 0.1)
+    out = save_quantized(model, tmp_path / "tuned")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    adapters = [m for m in hf.modules() if isinstance(m, qalora_ext.QALoRALinear)]
+    assert len(adapters) == 4
+    assert {n.rsplit(".", 1)[-1] for n, p in hf.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    x = ids()
+    assert torch.equal(logits(hf, x), logits(load_quantized(out), x))
+
+
 def test_dtype_casts_only_the_float_parts(folder):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     layer = hf.model.layers[0].mlp.down_proj
