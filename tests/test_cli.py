@@ -138,7 +138,7 @@ def test_export_checks_the_folder_before_the_exporters_see_a_model(tiny_dir, qua
     assert "model not found" in capsys.readouterr().err
     before = sorted(p.name for p in quantized_dir.iterdir())
     assert export("mlx", quantized_dir, quantized_dir) == 2
-    assert "out_dir is the source checkpoint" in capsys.readouterr().err
+    assert "would overwrite the command's input" in capsys.readouterr().err
     assert sorted(p.name for p in quantized_dir.iterdir()) == before
     assert not (tmp_path / "m").exists() and not (tmp_path / "g.gguf").exists()
 

@@ -32,6 +32,8 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
              use_chat_template: bool = True, seed: int = 0) -> str:
     """The model's reply to a prompt (greedy when temperature is 0), through the packed kernels."""
     ids = chat_prompt_ids(tokenizer, prompt, use_chat_template)
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty (no tokens to continue); give the model some text")
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     if temperature > 0:
         torch.manual_seed(seed)

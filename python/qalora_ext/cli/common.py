@@ -8,8 +8,10 @@ command that needs another default says so through the helper's parameter
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -42,6 +44,46 @@ def run_reporting_errors(run, args: argparse.Namespace) -> int:
             raise
         print(f"[qalora] error: {e}", file=sys.stderr)
         return 2
+
+
+def refuse_overwriting_input(out, *inputs, flag: str = "--out") -> None:
+    """Refuse an output path that would overwrite (or replace the folder of) one of the command's inputs.
+
+    ``out`` equal to an input, or a folder that contains one (the atomic save
+    replaces the whole folder), or a file inside an input folder.
+    """
+    if out is None:
+        return
+    out_path = Path(os.path.realpath(os.fspath(out)))
+    for src in inputs:
+        if src is None:
+            continue
+        src_path = Path(os.path.realpath(os.fspath(src)))
+        if out_path == src_path or out_path in src_path.parents or (src_path.is_dir() and src_path in out_path.parents
+                                                                     and out_path.exists()):
+            raise ValueError(f"{flag} {out} would overwrite the command's input {src}; write to another folder")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (nan, inf and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text}")
+    return value
 
 
 # -- argument groups ----------------------------------------------------------

@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    common.refuse_overwriting_input(args.out, args.model)
     run_demo(args.model, **common.quant_options(args), steps=args.steps, batch_size=args.batch_size,
              seq_len=args.seq_len, rank=args.rank, alpha=args.alpha, lr=args.lr, seed=args.seed,
              windows=args.windows, window=args.window, prompt=args.prompt, out=args.out)

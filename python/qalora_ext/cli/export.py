@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         "--allow-larger": ("gguf", args.allow_larger), "--lossy": ("gguf", args.lossy),
         "--float-type": ("gguf", args.float_type), "--tokenizer-pre": ("gguf", args.tokenizer_pre),
         "--scale-dtype": ("mlx", args.scale_dtype)})
+    common.refuse_overwriting_input(args.out, args.model, args.adapter)
     if args.format == "gguf":
         report = _export_gguf(args.model, args.out, args.adapter, allow_larger=args.allow_larger, lossy=args.lossy,
                               float_type=args.float_type or "f32", tokenizer_pre=args.tokenizer_pre)
@@ -86,8 +87,6 @@ def _export_mlx(model_dir: str, out: str, adapter, scale_dtype: str):
     if not loading.is_quantized_checkpoint(src):
         raise ValueError(f"export_mlx: {src} is not a qalora_ext checkpoint (no quantization_config with "
                          f"quant_method 'qalora_ext'); quantize it first (qalora quantize)")
-    if Path(os.path.realpath(os.fspath(out))) == src:
-        raise ValueError(f"export_mlx: out_dir is the source checkpoint {src}; export to a new folder")
     lm = load_quantized(src)
     if adapter is not None:
         load_adapter(lm, adapter)

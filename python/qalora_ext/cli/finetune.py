@@ -33,9 +33,10 @@ def _add_data_args(d) -> None:
 
 
 def _add_training_args(t) -> None:
-    t.add_argument("--rank", type=int, default=16, help="adapter rank r (default 16)")
-    t.add_argument("--alpha", type=float, default=16, help="adapter alpha; scaling = alpha / r (default 16)")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the pooled input (default 0)")
+    # None = not given: a resumed run takes the checkpoint's values, and a given one must agree with them.
+    t.add_argument("--rank", type=int, default=None, help="adapter rank r (default 16)")
+    t.add_argument("--alpha", type=float, default=None, help="adapter alpha; scaling = alpha / r (default 16)")
+    t.add_argument("--dropout", type=float, default=None, help="dropout on the pooled input (default 0)")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
     t.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.quantized import save_model
     from ..training import data, finetune
 
+    common.refuse_overwriting_input(args.out, args.model, args.data)
+    _adapter_settings(args)
     device = training_device(args.device)
     autocast = {"none": None, "bf16": torch.bfloat16}[args.autocast or ("bf16" if device.type == "cuda" else "none")]
     lm, tokenizer = _training_model(args)
@@ -80,6 +83,29 @@ def run(args: argparse.Namespace) -> int:
               f"{result.tokens_per_second:.0f} tokens/s; model with adapters written to {out}"
               + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
     return 0
+
+
+_ADAPTER_DEFAULTS = {"rank": 16, "alpha": 16.0, "dropout": 0.0}
+
+
+def _adapter_settings(args: argparse.Namespace) -> None:
+    """Fill --rank/--alpha/--dropout: the checkpoint's when resuming (a given flag must agree), else the defaults."""
+    from ..checkpoint import ADAPTER_CONFIG_NAME
+    from ..checkpoint.files import read_json
+    from ..training.finetune import latest_checkpoint
+
+    saved = {}
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if ckpt is not None:
+        cfg = read_json(ckpt / ADAPTER_CONFIG_NAME, ADAPTER_CONFIG_NAME)
+        saved = {k: cfg.get(k) for k in _ADAPTER_DEFAULTS if cfg.get(k) is not None}
+    for key, default in _ADAPTER_DEFAULTS.items():
+        given = getattr(args, key)
+        if given is not None and key in saved and float(given) != float(saved[key]):
+            raise ValueError(f"--{key} {given} contradicts the checkpoint being resumed ({ckpt}: {key} "
+                             f"{saved[key]}); drop --{key}, or start a new --out")
+        if given is None:
+            setattr(args, key, saved.get(key, default))
 
 
 def _training_model(args: argparse.Namespace):

@@ -16,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model_arg(p)
     common.add_adapter_arg(p)
     p.add_argument("--prompt", default=None, help="one message; without it, read messages from standard input")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=64, help="default 64")
+    p.add_argument("--temperature", type=common.non_negative_float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--int8-activations", action="store_true",
@@ -36,11 +36,17 @@ def run(args: argparse.Namespace) -> int:
                                    use_chat_template=not args.no_chat_template, seed=args.seed)
 
     if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty; give the model something to answer")
         print(reply(args.prompt))
         return 0
     print("[qalora] chat: type a message and press Enter (empty line or Ctrl-D ends)", file=sys.stderr)
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        print(reply(line.strip()), flush=True)
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            print(reply(line.strip()), flush=True)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"standard input is not text ({e.reason} at byte {e.start}); pipe text messages, "
+                         f"one per line") from None
     return 0

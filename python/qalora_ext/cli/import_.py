@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     common.refuse_other_format(args.format, {"--model": ("peft-qalora", args.model),
                                              "--full-model": ("peft-qalora", args.full_model)})
+    common.refuse_overwriting_input(args.out, args.src, args.model)
     if args.format == "gptq":
         return _import_gptq(args.src, args.out)
     return _import_peft_qalora(args.src, args.model, args.out, args.full_model)

@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.quantized import save_model
     from ..model import merge_adapters
 
+    common.refuse_overwriting_input(args.out, args.model, args.adapter)
     lm, tokenizer, folder = common.load_model(args.model, args.adapter)
     if not common.has_adapters(lm):
         print(f"[qalora] error: {folder} has no adapters to merge (pass --adapter DIR, or a folder written by "

@@ -22,7 +22,9 @@ def run(args: argparse.Namespace) -> int:
     from .. import loading
     from ..checkpoint.quantized import save_model
 
-    lm, tokenizer, folder = loading.quantize(args.model, **common.quant_options(args), seed=args.seed)
+    folder = loading.resolve_model(args.model)
+    common.refuse_overwriting_input(args.out, folder, args.model)
+    lm, tokenizer, folder = loading.quantize(folder, **common.quant_options(args), seed=args.seed)
     out = save_model(lm, tokenizer, args.out)
     print(f"[qalora] {folder} -> {common.describe(lm)}; written to {out}")
     return 0

@@ -246,8 +246,8 @@ def load_jsonl_pairs(path: PathLike, tokenizer, seq_len: int, max_examples: Opti
     pad_id = 0 if pad_id is None else pad_id
     rows_ids, rows_labels, dropped = [], [], 0
     last_line = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for line_no, line in enumerate(_text_lines(f, path), start=1):
             last_line = line_no
             if not line.strip():
                 continue
@@ -293,6 +293,14 @@ def load_jsonl_pairs(path: PathLike, tokenizer, seq_len: int, max_examples: Opti
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def _text_lines(f, path: Path):
+    """The lines of a text file; a binary file is a ValueError naming it (not a UnicodeDecodeError)."""
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not text (not UTF-8: {e.reason} at byte {e.start})") from None
+
+
 def load_training_data(path: Optional[PathLike], tokenizer, seq_len: int,
                        max_examples: Optional[int] = None) -> TokenDataset:
     """The training set of a fine-tune, as a :class:`TokenDataset`.
@@ -312,7 +320,11 @@ def load_training_data(path: Optional[PathLike], tokenizer, seq_len: int,
         raise FileNotFoundError(f"{path}: no such training data file")
     if path.suffix.lower() == ".jsonl":
         return TokenDataset(load_jsonl_pairs(path, tokenizer, seq_len, max_examples))
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the training data is not text (not UTF-8: {e.reason} at byte {e.start}); "
+                         f"give a text file or a .jsonl file") from None
     return TokenDataset(tokenize_text_blocks(text, tokenizer, seq_len, max_examples, name=str(path)))
 
 

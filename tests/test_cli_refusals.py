@@ -1,0 +1,105 @@
+"""The CLI refuses what would lose data or give silently wrong results (the hostile-input sweep's findings)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from qalora_ext import cli  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny_llm import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "int4"
+    assert cli.main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    return out
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["quantize", "finetune", "merge", "export-mlx", "export-gguf-inside", "demo",
+                                     "import-gptq"])
+def test_output_that_would_overwrite_the_input_is_refused(command, tiny_dir, quantized_dir, capsys):
+    src = tiny_dir if command in ("quantize", "demo", "import-gptq") else quantized_dir
+    before = _snapshot(src)
+    argv = {
+        "quantize": ["quantize", "--model", str(src), "--out", str(src)],
+        "finetune": ["finetune", "--model", str(src), "--out", str(src), "--steps", "1"],
+        "merge": ["merge", "--model", str(src), "--out", str(src)],
+        "export-mlx": ["export", "--format", "mlx", "--model", str(src), "--out", str(src)],
+        # a file of the input folder, named as the output
+        "export-gguf-inside": ["export", "--format", "gguf", "--model", str(src), "--out",
+                               str(src / "model.safetensors")],
+        "demo": ["demo", "--model", str(src), "--out", str(src)],
+        "import-gptq": ["import", "--format", "gptq", str(src), "--out", str(src.parent)],  # replaces src's folder
+    }[command]
+    assert cli.main(argv) == 2
+    assert "would overwrite the command's input" in capsys.readouterr().err
+    assert _snapshot(src) == before
+
+
+def test_generate_refuses_empty_prompts_binary_input_and_bad_temperatures(quantized_dir, capsys, monkeypatch):
+    model = ["generate", "--model", str(quantized_dir)]
+    assert cli.main(model + ["--prompt", "", "--no-chat-template"]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\x00binary\x80\n"), encoding="utf-8"))
+    assert cli.main(model) == 2
+    assert "standard input is not text" in capsys.readouterr().err
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(model + ["--temperature", bad, "--prompt", "hi"])
+        assert e.value.code == 2
+        assert "must be a finite number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(model + ["--max-new-tokens", "0", "--prompt", "hi"])
+
+
+def test_resume_refuses_flags_that_contradict_the_checkpoint(quantized_dir, tmp_path, capsys):
+    out = tmp_path / "ft"
+    base = ["finetune", "--model", str(quantized_dir), "--out", str(out), "--seq-len", "32", "--batch-size", "1",
+            "--max-examples", "8"]
+    assert cli.main(base + ["--steps", "1", "--rank", "8"]) == 0
+    capsys.readouterr()
+    assert cli.main(base + ["--steps", "2", "--resume", "--rank", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--rank 4 contradicts the checkpoint being resumed" in err and "rank 8" in err
+    assert cli.main(base + ["--steps", "2", "--resume"]) == 0  # takes the checkpoint's rank
+    import json
+
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert {m["adapter"]["rank"] for m in modules.values()} == {8}
+
+
+def test_binary_data_file_is_named(quantized_dir, tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    assert cli.main(["finetune", "--model", str(quantized_dir), "--out", str(tmp_path / "ft"), "--data", str(data),
+                     "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "not text" in err
+
+
+def test_binary_jsonl_file_is_named(quantized_dir, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(b'{"instruction": "a", "response": "b"}\n' + bytes(range(128, 256)) + b"\n")
+    assert cli.main(["finetune", "--model", str(quantized_dir), "--out", str(tmp_path / "ft"), "--data", str(data),
+                     "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "not text" in err
