@@ -94,7 +94,7 @@ def test_errors_become_one_line_and_status_2(capsys, monkeypatch):
 
 
 def test_run_demo_takes_plain_arguments(tiny_dir, tmp_path, capsys):
-    from qalora_ext.cli.demo import DemoResult, run_demo
+    from qalora_ext.demo import DemoResult, run_demo
 
     result = run_demo(tiny_dir, bits=4, steps=2, batch_size=2, seq_len=32, rank=4, windows=2, window=32,
                       prompt="hi", out=tmp_path / "demo")
@@ -112,7 +112,7 @@ def test_run_demo_takes_plain_arguments(tiny_dir, tmp_path, capsys):
 
 
 def test_bench_model_takes_plain_arguments_and_returns_the_measurements(tiny_dir, quantized_dir):
-    from qalora_ext.cli.bench import bench_model
+    from qalora_ext.generation import bench_model
 
     result = bench_model(tiny_dir, bits=3, prompt_len=8, new_tokens=2, repeats=1, int8_activations=True)
     assert [name for name, _, _ in result.rows] == ["float32", "INT3 G32", "INT3 i8act"]

@@ -5,19 +5,15 @@ median of ``--repeats`` runs is reported, with the packed/float ratio (this
 is a noisy, shared machine: ratios mean more than absolute times). The
 kernel-level benchmarks are in the repository's ``bench/`` folder.
 
-:func:`bench_model` measures and returns a :class:`ModelBench` (callable from
-Python); :func:`run` is the command: its arguments in, the table out.
+The measurement is :func:`qalora_ext.generation.bench_model`; this module is
+the command: its arguments in, the table out.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
-from typing import Optional
-
+from ..generation import bench_model
 from . import common
-
-__all__ = ["bench_model", "ModelBench"]
 
 NAME = "bench"
 HELP = "prefill and decode speed: float model vs packed model, side by side"
@@ -42,60 +38,3 @@ def run(args: argparse.Namespace) -> int:
                          new_tokens=args.new_tokens, repeats=args.repeats, int8_activations=args.int8_activations)
     print(result.table())
     return 0
-
-
-@dataclass
-class ModelBench:
-    """What :func:`bench_model` measured; ``rows``: ``(weights, prefill s, decode s per token)``, float first."""
-
-    model_name: str
-    threads: int
-    prompt_len: int
-    new_tokens: int
-    repeats: int
-    rows: list = field(default_factory=list)
-
-    def table(self) -> str:
-        """The table and the packed / float ratios, as ``qalora bench`` prints them."""
-        lines = [f"model {self.model_name}, {self.threads} threads, prompt {self.prompt_len} tokens, "
-                 f"{self.new_tokens} decoded tokens, median of {self.repeats}",
-                 f"{'weights':<12} {'prefill ms':>11} {'decode ms/token':>16} {'decode tokens/s':>16}"]
-        for name, tp, td in self.rows:
-            lines.append(f"{name:<12} {1e3 * tp:11.1f} {1e3 * td:16.2f} {1 / max(td, 1e-9):16.1f}")
-        (_, fp, fd), (_, qp, qd) = self.rows[:2]
-        lines.append(f"packed / float time: prefill {qp / fp:.2f}x, decode {qd / fd:.2f}x")
-        if len(self.rows) > 2:
-            _, ip, idd = self.rows[2]
-            lines.append(f"int8-activation packed / float time: prefill {ip / fp:.2f}x, decode {idd / fd:.2f}x")
-        return "\n".join(lines)
-
-
-def bench_model(model: Optional[str] = None, *, bits: int = 4, group_size: int = 32, prompt_len: int = 256,
-                new_tokens: int = 32, repeats: int = 3, int8_activations: bool = False) -> ModelBench:
-    """Time a FLOAT model (default: SmolLM2) and its packed RTN copy on the same random prompt.
-
-    With ``int8_activations`` the packed copy is timed a second time with
-    int8 activations. Raises ValueError for a model that is already quantized.
-    """
-    import copy
-
-    import torch
-
-    from .. import loading
-    from ..generation import time_prefill_decode
-    from ..model import quantize_model, set_int8_activations
-
-    folder = loading.resolve_model(model)
-    if loading.is_quantized_checkpoint(folder):
-        raise ValueError(f"{folder} is already quantized; `qalora bench` compares a FLOAT model with its packed copy")
-    source, tokenizer, _ = loading.load_model(folder)
-    packed = quantize_model(copy.deepcopy(source), bits=bits, group_size=group_size, progress=False)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, tokenizer.vocab_size, (1, prompt_len), generator=g)
-    result = ModelBench(folder.name, torch.get_num_threads(), prompt_len, new_tokens, repeats)
-    for name, lm in (("float32", source), (f"INT{bits} G{group_size}", packed)):
-        result.rows.append((name, *time_prefill_decode(lm, prompt, new_tokens, repeats)))
-    if int8_activations:
-        set_int8_activations(packed)
-        result.rows.append((f"INT{bits} i8act", *time_prefill_decode(packed, prompt, new_tokens, repeats)))
-    return result
