@@ -16,7 +16,7 @@ from torch import nn
 from .format import check_bits, check_group_size
 from .nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
 
-__all__ = ["quantize_model", "quantization_targets", "quantized_layers", "model_device", "set_module", "add_adapters", "merge_adapters",
+__all__ = ["quantize_model", "quantization_targets", "quantized_layers", "model_device", "set_module", "warn_unquantized", "add_adapters", "merge_adapters",
            "find_output_heads", "freeze_all_but_adapters", "set_int8_activations"]
 
 TargetModules = Optional[Union[str, Iterable[str]]]
@@ -105,6 +105,16 @@ def quantization_targets(model: nn.Module, group_size: int,
     return todo, skipped
 
 
+def warn_unquantized(caller: str, skipped: list[str], group_size: int, stacklevel: int = 2) -> None:
+    """One warning listing the layers left float because in_features is not a multiple of group_size."""
+    if skipped:
+        warnings.warn(
+            f"{caller}: {len(skipped)} layer(s) left unquantized because in_features is not a multiple of "
+            f"group_size={group_size}: " + ", ".join(skipped),
+            stacklevel=stacklevel + 1,
+        )
+
+
 def quantize_model(
     model: nn.Module,
     bits: int = 4,
@@ -139,12 +149,7 @@ def quantize_model(
     if calibration is not None:
         raise ValueError("calibration is only used by method='gptq'; round-to-nearest (method='rtn') needs none")
     todo, skipped = quantization_targets(model, group_size, target_modules)
-    if skipped:
-        warnings.warn(
-            f"quantize_model: {len(skipped)} layer(s) left unquantized because in_features is not a multiple of "
-            f"group_size={group_size}: " + ", ".join(skipped),
-            stacklevel=2,
-        )
+    warn_unquantized("quantize_model", skipped, group_size, stacklevel=2)
     from tqdm.auto import tqdm
 
     for name in tqdm(todo, desc=f"quantize INT{bits} G{group_size}", disable=not progress or None, leave=False):

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import ops
 from ..format import check_bits, check_group_size, check_in_features, check_store_dtypes
-from ..model import TargetModules, quantization_targets, set_module
+from ..model import TargetModules, quantization_targets, set_module, warn_unquantized
 from ..nn import QuantLinear
 
 __all__ = ["gptq_quantize_weight", "HessianAccumulator", "quantize_model_gptq", "find_blocks"]
@@ -202,12 +202,7 @@ class _Captured(Exception):
 def _select_targets(model: nn.Module, group_size: int, target_modules: TargetModules) -> list[str]:
     # The same selection as model.quantize_model, so both methods quantize the same layers.
     todo, skipped = quantization_targets(model, group_size, target_modules)
-    if skipped:
-        warnings.warn(
-            f"quantize_model_gptq: {len(skipped)} layer(s) left unquantized because in_features is not a multiple "
-            f"of group_size={group_size}: " + ", ".join(skipped),
-            stacklevel=3,
-        )
+    warn_unquantized("quantize_model_gptq", skipped, group_size, stacklevel=3)
     return todo
 
 
