@@ -153,6 +153,22 @@ def quantize_pretrained(
     check_family(config, folder)
     reader = ShardReader(folder)
     lm = build_transformers_model(config, folder)
+    todo = _streaming_targets(lm, group_size, target_modules, folder)
+    if method == "rtn":
+        _quantize_rtn_streaming(lm, reader, todo, bits, group_size, scale_dtype, zero_dtype, progress)
+    else:
+        _quantize_gptq_streaming(lm, reader, todo, calibration, bits, group_size, scale_dtype, zero_dtype, progress,
+                                 gptq_options)
+    _tie_output_head(lm)
+    left = [n for n, p in (*lm.named_parameters(), *lm.named_buffers()) if p.device.type == "meta"]
+    if left:
+        raise ValueError(f"{folder}: tensors missing from the checkpoint: {left[:5]}")
+    lm.eval()
+    return lm
+
+
+def _streaming_targets(lm: nn.Module, group_size: int, target_modules, folder: Path) -> list[str]:
+    """The layers to quantize; one warning lists those left float, an error when none fits the group size."""
     todo, skipped = quantization_targets(lm, group_size, target_modules)
     if not todo:
         widths = sorted({int(s.rpartition("=")[2].rstrip(")")) for s in skipped})
@@ -161,47 +177,49 @@ def quantize_pretrained(
     if skipped:
         warnings.warn(
             f"{len(skipped)} of {len(todo) + len(skipped)} layers are left unquantized (float32) because their "
-            f"in_features is not a multiple of group_size={group_size}: " + ", ".join(skipped), stacklevel=2)
-    targets = set(todo)
+            f"in_features is not a multiple of group_size={group_size}: " + ", ".join(skipped), stacklevel=3)
+    return todo
 
-    def is_target_weight(name: str) -> bool:
-        return name.rpartition(".")[0] in targets
 
-    if method == "rtn":
-        from tqdm.auto import tqdm
+def _quantize_rtn_streaming(lm: nn.Module, reader: ShardReader, todo: list[str], bits: int, group_size: int,
+                            scale_dtype: torch.dtype, zero_dtype: torch.dtype, progress: bool) -> None:
+    """Each target's float weight is read, quantized and dropped before the next; then the rest is read."""
+    from tqdm.auto import tqdm
 
-        for name in tqdm(todo, desc=f"quantize INT{bits} G{group_size} (RTN)", disable=not progress or None):
-            layer = lm.get_submodule(name)
-            weight = reader.get(name + ".weight").to(torch.float32)
-            bias = reader.get(name + ".bias").to(torch.float32) if layer.bias is not None else None
-            q = QuantLinear(layer.in_features, layer.out_features, bits, group_size, bias is not None,
-                            scale_dtype, zero_dtype, device="meta")
-            packed, scale, zero = ops.quantize_rtn(weight, bits, group_size, scale_dtype, zero_dtype)
-            q.load_packed(packed, scale, zero, bias)
-            set_module(lm, name, q)
-            del weight, bias, packed, scale, zero
-            release_freed_memory()
-        _materialize(lm, "", reader, torch.float32)
-    else:
-        from ..quantize.gptq import find_blocks, quantize_model_gptq
+    for name in tqdm(todo, desc=f"quantize INT{bits} G{group_size} (RTN)", disable=not progress or None):
+        layer = lm.get_submodule(name)
+        weight = reader.get(name + ".weight").to(torch.float32)
+        bias = reader.get(name + ".bias").to(torch.float32) if layer.bias is not None else None
+        q = QuantLinear(layer.in_features, layer.out_features, bits, group_size, bias is not None,
+                        scale_dtype, zero_dtype, device="meta")
+        packed, scale, zero = ops.quantize_rtn(weight, bits, group_size, scale_dtype, zero_dtype)
+        q.load_packed(packed, scale, zero, bias)
+        set_module(lm, name, q)
+        del weight, bias, packed, scale, zero
+        release_freed_memory()
+    _materialize(lm, "", reader, torch.float32)
 
-        blocks_name, _ = find_blocks(lm, todo)
-        in_blocks = (lambda n: bool(blocks_name) and n.startswith(blocks_name + "."))
-        _materialize(lm, "", reader, torch.float32, skip=in_blocks)
 
-        def before_block(index: int, block: nn.Module) -> None:
-            release_freed_memory()
-            _materialize(lm, f"{blocks_name}.{index}", reader, torch.float32)
+def _quantize_gptq_streaming(lm: nn.Module, reader: ShardReader, todo: list[str], calibration, bits: int,
+                             group_size: int, scale_dtype: torch.dtype, zero_dtype: torch.dtype, progress: bool,
+                             gptq_options: dict) -> None:
+    """Everything outside the decoder blocks is read first; each block's float weights just before its turn."""
+    from ..quantize.gptq import find_blocks, quantize_model_gptq
 
-        quantize_model_gptq(lm, calibration, bits=bits, group_size=group_size, scale_dtype=scale_dtype,
-                            zero_dtype=zero_dtype, target_modules=sorted(targets), progress=progress,
-                            before_block=before_block, **gptq_options)
-    _tie_output_head(lm)
-    left = [n for n, p in (*lm.named_parameters(), *lm.named_buffers()) if p.device.type == "meta"]
-    if left:
-        raise ValueError(f"{folder}: tensors missing from the checkpoint: {left[:5]}")
-    lm.eval()
-    return lm
+    blocks_name, _ = find_blocks(lm, todo)
+
+    def in_blocks(name: str) -> bool:
+        return bool(blocks_name) and name.startswith(blocks_name + ".")
+
+    _materialize(lm, "", reader, torch.float32, skip=in_blocks)
+
+    def before_block(index: int, block: nn.Module) -> None:
+        release_freed_memory()
+        _materialize(lm, f"{blocks_name}.{index}", reader, torch.float32)
+
+    quantize_model_gptq(lm, calibration, bits=bits, group_size=group_size, scale_dtype=scale_dtype,
+                        zero_dtype=zero_dtype, target_modules=sorted(todo), progress=progress,
+                        before_block=before_block, **gptq_options)
 
 
 def quantize(model: Optional[PathLike] = None, bits: int = 3, group_size: int = 32, method: str = "rtn",
