@@ -125,6 +125,9 @@ class QALoRAPeftLinear(nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._drop_qweight_alias()
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError("adapter_names (PEFT's mixed-batch inference) is not supported on qalora_ext layers; "
+                             "use set_adapter")
         base = self.get_base_layer()
         if self.disable_adapters:
             if self.merged:
