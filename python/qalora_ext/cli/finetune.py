@@ -52,6 +52,10 @@ def _add_training_args(t) -> None:
     t.add_argument("--device", default="cpu", metavar="DEV",
                    help="cpu (default), cuda or cuda:N: where the packed model trains (under torchrun, cuda is "
                         "each rank's LOCAL_RANK GPU)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the packed model, adapters and optimizer state over the ranks with "
+                        "FSDP2 (each rank reads only its rows of a quantized --model folder); writes the adapter, "
+                        "not the model, to --out")
     t.add_argument("--autocast", choices=("none", "bf16"), default=None,
                    help="bf16: forward under bfloat16 autocast (adapters stay float32); default bf16 on cuda, "
                         "none on cpu")
@@ -67,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     _adapter_settings(args)
     device = training_device(args.device)
     autocast = {"none": None, "bf16": torch.bfloat16}[args.autocast or ("bf16" if device.type == "cuda" else "none")]
+    if args.fsdp:
+        return _run_fsdp(args, device, autocast)
     lm, tokenizer = _training_model(args)
     lm.to(device)
     dataset = data.load_training_data(args.data, tokenizer, args.seq_len, max_examples=args.max_examples)
@@ -83,6 +89,55 @@ def run(args: argparse.Namespace) -> int:
               f"{result.tokens_per_second:.0f} tokens/s; model with adapters written to {out}"
               + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
     return 0
+
+
+def _run_fsdp(args: argparse.Namespace, device, autocast) -> int:
+    """`--fsdp`: the process group first, then a sharded load (no rank holds the whole model), train, save the adapter."""
+    import torch.distributed as dist
+
+    from .. import loading
+    from ..checkpoint import save_adapter
+    from ..training import data, finetune, fsdp
+
+    folder = loading.resolve_model(args.model)
+    if not loading.is_quantized_checkpoint(folder):
+        raise ValueError(f"--fsdp loads a quantized folder shard by shard; {args.model} is a float model: quantize it "
+                         f"first (qalora quantize --model {args.model} --out DIR)")
+    created = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if created:
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        if not dist.is_initialized():
+            print("[qalora] --fsdp with one process: training unsharded", flush=True)
+            return run(argparse.Namespace(**{**vars(args), "fsdp": False}))
+        tokenizer = loading.load_tokenizer(folder)
+        lm = fsdp.load_quantized_sharded(folder, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                                         seed=args.seed, device=device)
+        held, total = fsdp.resident_packed_bytes(lm)
+        print(f"[qalora] FSDP2 rank {dist.get_rank()}: holds {held} of the model's {total} packed bytes "
+              f"({held / max(total, 1):.3f})", flush=True)
+        dataset = data.load_training_data(args.data, tokenizer, args.seq_len, max_examples=args.max_examples)
+        result = finetune.finetune(
+            lm, dataset, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+            warmup_steps=args.warmup_steps, gradient_checkpointing=args.gradient_checkpointing,
+            output_dir=args.out, save_every=args.save_every, resume=args.resume, seed=args.seed, progress=True,
+            loss_plot=True, autocast=autocast, fsdp=True)
+        with fsdp.full_adapters(lm):
+            if dist.get_rank() == 0:
+                out = save_adapter(lm, args.out)
+                last = result.losses[-1] if result.losses else float("nan")
+                print(f"[qalora] trained {result.steps_done} steps with FSDP2 on {dist.get_world_size()} ranks, "
+                      f"final loss {last:.4f}, {result.tokens_per_second:.0f} tokens/s; adapter written to {out} "
+                      f"(base: {folder})", flush=True)
+        dist.barrier()
+        return 0
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 _ADAPTER_DEFAULTS = {"rank": 16, "alpha": 16.0, "dropout": 0.0}

@@ -341,6 +341,7 @@ def finetune(
     progress: bool = True,
     loss_plot: bool = True,
     autocast: Optional[torch.dtype] = None,
+    fsdp: bool = False,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad up to optimizer step ``steps``.
 
@@ -396,6 +397,16 @@ def finetune(
     identical adapters. For CUDA, place each rank's model on its own device
     first. Only rank 0 shows progress and writes files.
 
+    ``fsdp=True`` (under data parallelism): instead of DDP, the model is
+    sharded with FSDP2 (:func:`qalora_ext.training.fsdp.shard_model`, unless
+    it already is: :func:`~qalora_ext.training.fsdp.load_quantized_sharded`),
+    so each rank holds 1/world of the packed weights, the adapters and their
+    optimizer state. Checkpoints hold the gathered adapters once (loadable by
+    a single-process ``load_adapter``) and the gathered optimizer state; a
+    checkpoint resumes only in the mode (FSDP or not) that wrote it. The
+    model stays sharded after the call. With one process it trains unsharded
+    unless the model is already sharded (a one-rank group).
+
     Dropout masks come from torch's global RNG, which this function does not
     seed (it restores it on resume).
 
@@ -423,12 +434,22 @@ def finetune(
         "num_examples": len(dataset),
         "world_size": ctx.world_size,
     }
+    if fsdp:
+        from .fsdp import is_sharded
+    sharded = bool(fsdp) and (ctx.world_size > 1 or is_sharded(model))
+    if fsdp and not sharded and rank0:
+        warnings.warn("fsdp=True with one process and no process group: training unsharded", stacklevel=2)
     result = TrainResult(output_dir=out)
     config = getattr(model, "config", None)
     old_use_cache = getattr(config, "use_cache", None)
     undo_checkpointing = None
     try:
-        saved = _prepare_output_dir(model, out, resume, steps, settings, rank0, result)
+        saved = _prepare_output_dir(model, out, resume, steps, settings, rank0, result, sharded)
+        if sharded:
+            from . import fsdp as _fsdp
+
+            if not _fsdp.is_sharded(model):
+                _fsdp.shard_model(model)
         if gradient_checkpointing:
             undo_checkpointing = _enable_checkpointing(model)
             if undo_checkpointing is None and rank0:
@@ -437,7 +458,7 @@ def finetune(
         if old_use_cache is not None:
             config.use_cache = False
         run = _Run(model, dataset, ctx, device, batch_size, grad_accum, lr, weight_decay, warmup_steps,
-                   max_grad_norm, seed, autocast, saved)
+                   max_grad_norm, seed, autocast, saved, sharded)
         if saved is not None:
             result.losses = list(saved["losses"])
             _restore_rng(saved["rng"], ctx, device, result.resumed_from)
@@ -491,7 +512,7 @@ def _check_arguments(dataset, steps, batch_size, grad_accum, lr, weight_decay, w
 
 
 def _prepare_output_dir(model: nn.Module, out: Optional[Path], resume: bool, steps: int, settings: dict,
-                        rank0: bool, result: TrainResult) -> Optional[dict]:
+                        rank0: bool, result: TrainResult, sharded: bool = False) -> Optional[dict]:
     """Create output_dir, and on resume load the newest checkpoint's adapters; returns its trainer state.
 
     A fresh run refuses a directory that already holds checkpoints, so two
@@ -516,7 +537,17 @@ def _prepare_output_dir(model: nn.Module, out: Optional[Path], resume: bool, ste
     if saved["step"] > steps:
         raise ValueError(f"resume: {result.resumed_from} is at step {saved['step']}, beyond "
                          f"steps={steps}; ask for at least {saved['step']} steps")
-    load_adapter(model, result.resumed_from)
+    if bool(saved.get("fsdp")) != sharded:
+        how = "with" if saved.get("fsdp") else "without"
+        raise ValueError(f"resume: {result.resumed_from} was written by a run {how} FSDP (its optimizer state is "
+                         f"stored that way); resume it {how} fsdp")
+    if sharded:
+        from .fsdp import full_adapters
+
+        with full_adapters(model, writeback=True):
+            load_adapter(model, result.resumed_from)
+    else:
+        load_adapter(model, result.resumed_from)
     return saved
 
 
@@ -532,16 +563,22 @@ class _Run:
     """The state of one training run: optimizer, schedule, data order, the (DDP-wrapped) model."""
 
     def __init__(self, model, dataset, ctx, device, batch_size, grad_accum, lr, weight_decay, warmup_steps,
-                 max_grad_norm, seed, autocast, saved) -> None:
+                 max_grad_norm, seed, autocast, saved, sharded=False) -> None:
         self.model, self.dataset, self.ctx, self.device = model, dataset, ctx, device
+        self.sharded = sharded
         self.batch_size, self.grad_accum, self.max_grad_norm = batch_size, grad_accum, max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
         self.start = 0
-        if saved is not None:
+        if saved is not None and sharded:
+            from .fsdp import load_optimizer_state_full
+
+            load_optimizer_state_full(model, self.optimizer, saved["optimizer"])
+        elif saved is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
+        if saved is not None:
             self.scheduler.load_state_dict(saved["scheduler"])
             self.start = saved["step"]
         self.amp = autocast
@@ -577,7 +614,9 @@ class _Run:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, b in enumerate(batches):
             last = i == self.grad_accum - 1
-            sync = contextlib.nullcontext() if last or ctx.world_size == 1 else train_model.no_sync()
+            # FSDP2 reduce-scatters after every micro-batch (its shards accumulate).
+            sync = (contextlib.nullcontext() if last or ctx.world_size == 1 or self.sharded
+                    else train_model.no_sync())
             with sync:
                 inputs = {"input_ids": b["input_ids"]}
                 if "attention_mask" in b:
@@ -585,7 +624,7 @@ class _Run:
                 with self.autocast():
                     logits = train_model(**inputs).logits
                 nll, _ = token_nll_sum(logits, _labels_of(b))
-                # DDP averages gradients over ranks; scaling by world_size
+                # DDP and FSDP2 average gradients over ranks; scaling by world_size
                 # makes the result the gradient of the global token mean.
                 (nll * (ctx.world_size / n_targets)).backward()
             loss_sum += nll.detach()
@@ -606,11 +645,21 @@ class _Run:
             states = [None] * ctx.world_size
             dist.all_gather_object(states, _rng_state(self.device))
         path = None
-        if ctx.rank == 0:
-            state = {"step": done, "losses": list(losses), "samples_seen": self.order.position,
-                     "settings": settings, "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "rng": states}
-            path = _save_checkpoint(out, done, self.model, state)
+        if self.sharded:
+            from .fsdp import full_adapters, optimizer_state_full
+
+            optimizer_state = optimizer_state_full(self.model, self.optimizer)
+            gathered = full_adapters(self.model)
+        else:
+            optimizer_state, gathered = None, contextlib.nullcontext()
+        with gathered:
+            if ctx.rank == 0:
+                state = {"step": done, "losses": list(losses), "samples_seen": self.order.position,
+                         "settings": settings, "scheduler": self.scheduler.state_dict(), "rng": states,
+                         "optimizer": optimizer_state if self.sharded else self.optimizer.state_dict()}
+                if self.sharded:
+                    state["fsdp"] = True
+                path = _save_checkpoint(out, done, self.model, state)
         if ctx.world_size > 1:
             dist.barrier()
         return path
@@ -622,7 +671,7 @@ def _train_loop(run: _Run, steps: int, out: Optional[Path], save_every: int, set
     from tqdm.auto import tqdm
 
     model, ctx = run.model, run.ctx
-    train_model = _wrap_ddp(model, run.device) if ctx.world_size > 1 else model
+    train_model = _wrap_ddp(model, run.device) if ctx.world_size > 1 and not run.sharded else model
     was_training = model.training
     model.train()
     bar = tqdm(total=steps, initial=run.start, desc="finetune", unit="step", disable=not show or None)

@@ -1,0 +1,213 @@
+"""FSDP2 sharding of packed models (qalora_ext.training.fsdp): CPU, gloo.
+
+The two-rank test runs ``qalora finetune --fsdp`` under torchrun three times
+(uninterrupted; killed after step 2; resumed) on a tiny quantized Llama and
+compares with one process on the same global batch. The in-process tests use
+a one-rank gloo group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import qalora_ext
+from qalora_ext import loading
+from qalora_ext.checkpoint import load_adapter
+from qalora_ext.checkpoint.quantized import save_model
+from qalora_ext.training import data
+from qalora_ext.training import fsdp as qfsdp
+from qalora_ext.training.finetune import finetune
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny_llm import save_tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS, BATCH, RANK, ALPHA, LR, SEQ = 3, 2, 4, 8, 1e-2, 32
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, expect_ok=True, timeout=150):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "python")}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), str(ROOT / "tests" / "fsdp_worker.py"), *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n" + output[-6000:])
+    if expect_ok:
+        assert proc.returncode == 0, output[-6000:]
+    else:
+        assert proc.returncode != 0, output[-6000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def quantized_folder(tmp_path_factory):
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("fsdp")
+    save_tiny_llama(root / "float")
+    lm, tok, _ = loading.load_model(root / "float")
+    qalora_ext.quantize_model(lm, bits=4, group_size=32, progress=False)
+    save_model(lm, tok, root / "q")
+    (root / "data.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:6]))
+    return root
+
+
+def _adapters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rel(got: dict, want: dict) -> float:
+    assert set(got) == set(want)
+    num = sum((got[k].double() - want[k].double()).pow(2).sum().item() for k in want)
+    den = sum(want[k].double().pow(2).sum().item() for k in want)
+    return (num / den) ** 0.5
+
+
+def test_two_ranks_equal_one_process_shard_memory_and_resume_after_kill(quantized_folder, tmp_path):
+    root = quantized_folder
+    common = ["--model", root / "q", "--fsdp", "--data", root / "data.txt", "--seq-len", SEQ, "--max-examples", 16,
+              "--steps", STEPS, "--batch-size", BATCH, "--save-every", 1, "--rank", RANK, "--alpha", ALPHA,
+              "--lr", LR, "--gradient-checkpointing"]
+    output = _torchrun([0, *common, "--out", tmp_path / "full"])
+
+    # Each rank holds half of the packed bytes (rows split between the 2 ranks).
+    held = [line for line in output.splitlines() if "packed bytes" in line]
+    assert len(held) == 2, output[-3000:]
+    for line in held:
+        frac = float(line.rsplit("(", 1)[1].rstrip(")"))
+        assert frac <= 0.55, line
+
+    # One process, the same global batch and the same adapter init: the same adapters.
+    lm, tok, _ = loading.load_model(root / "q")
+    torch.manual_seed(0)
+    qalora_ext.add_adapters(lm, rank=RANK, alpha=ALPHA, dropout=0.0)
+    ds = data.load_training_data(str(root / "data.txt"), tok, SEQ, max_examples=16)
+    single = finetune(lm, ds, steps=STEPS, batch_size=2 * BATCH, lr=LR, progress=False)
+    want = _adapters(lm)
+    full_state = json.loads((tmp_path / "full" / "checkpoint-000003" / "trainer_state.json").read_text())
+    assert single.losses == pytest.approx(full_state["losses"], rel=1e-5)
+
+    # The adapter written at the end (and every checkpoint) loads in one process with load_adapter.
+    for folder in (tmp_path / "full", tmp_path / "full" / "checkpoint-000003"):
+        other, _, _ = loading.load_model(root / "q")
+        load_adapter(other, folder)
+        assert _rel(_adapters(other), want) <= 1e-5
+
+    # Killed right after the step-2 checkpoint, then resumed: exactly the uninterrupted run.
+    _torchrun([2, *common, "--out", tmp_path / "split"], expect_ok=False)
+    assert (tmp_path / "split" / "checkpoint-000002").is_dir()
+    assert not (tmp_path / "split" / "checkpoint-000003").exists()
+    _torchrun([0, *common, "--out", tmp_path / "split", "--resume"])
+    split_state = json.loads((tmp_path / "split" / "checkpoint-000003" / "trainer_state.json").read_text())
+    assert split_state["losses"] == full_state["losses"]
+    for name in ("adapter_model.safetensors",):
+        assert (tmp_path / "split" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny(seed):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(config)
+    qalora_ext.quantize_model(model, bits=4, group_size=32, progress=False)
+    qalora_ext.add_adapters(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    return model
+
+
+def test_unsharded_model_keeps_buffers_and_mp_policy_refused():
+    model = _tiny(0)
+    names = [n for n, _ in model.named_parameters()]
+    assert all(not n.endswith((".packed", ".scale", ".zero")) for n in names)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    with pytest.raises(ValueError, match="param_dtype"):
+        qfsdp.shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    assert [n for n, _ in model.named_parameters()] == names  # refused before anything changed
+    assert not qfsdp.is_sharded(model)
+
+
+def test_sharded_model_forward_refusals_and_bf16_checkpointed_training(one_rank_group, tmp_path):
+    ref, model = _tiny(1), _tiny(1)
+    ids = torch.randint(0, 256, (2, 16))
+    want = ref(input_ids=ids).logits
+    qfsdp.shard_model(model)
+    assert qfsdp.is_sharded(model)
+    packed = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.base.packed"]
+    assert packed.dtype == torch.int32 and not packed.requires_grad
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, p in ref.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+    held, total = qfsdp.resident_packed_bytes(model)
+    assert held == total > 0  # one rank holds everything
+
+    # A dtype cast would reinterpret packed words / re-round scales: refused, model unchanged.
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+        with pytest.raises(TypeError, match="refused"):
+            cast(model)
+    assert packed.dtype == torch.int32
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj.base")
+    assert layer.scale.dtype == torch.float16 and layer.zero.dtype == torch.float32
+
+    # bf16 autocast + gradient checkpointing under FSDP2 train as the unsharded model does.
+    ds = data.TokenDataset({"input_ids": torch.randint(0, 256, (8, 16))})
+    kw = dict(steps=2, batch_size=4, lr=1e-2, autocast=torch.bfloat16, gradient_checkpointing=True, progress=False)
+    r_ref = finetune(ref, ds, **kw)
+    r_sh = finetune(model, ds, fsdp=True, output_dir=tmp_path / "run", **kw)
+    assert r_sh.losses == pytest.approx(r_ref.losses, rel=1e-5)
+    other = _tiny(1)
+    load_adapter(other, r_sh.checkpoint)
+    assert _rel(_adapters(other), _adapters(ref)) <= 1e-5
+
+
+def test_mixed_precision_applied_outside_is_caught_in_forward(one_rank_group):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = _tiny(2)
+    layer = model.model.layers[0].self_attn.q_proj.base
+    qfsdp._to_frozen_parameters(layer)
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="MixedPrecisionPolicy"):
+        model(input_ids=torch.randint(0, 256, (1, 8)))
