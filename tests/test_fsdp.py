@@ -183,11 +183,13 @@ def test_sharded_model_forward_refusals_and_bf16_checkpointed_training(one_rank_
     held, total = qfsdp.resident_packed_bytes(model)
     assert held == total > 0  # one rank holds everything
 
-    # A dtype cast would reinterpret packed words / re-round scales: refused, model unchanged.
-    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+    # A dtype cast would reinterpret packed words / re-round scales: refused before any tensor changes.
+    before = {n: p.dtype for n, p in model.named_parameters()}
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.float(),
+                 lambda m: m.model.layers[0].half()):
         with pytest.raises(TypeError, match="refused"):
             cast(model)
-    assert packed.dtype == torch.int32
+    assert {n: p.dtype for n, p in model.named_parameters()} == before
     layer = model.get_submodule("model.layers.0.self_attn.q_proj.base")
     assert layer.scale.dtype == torch.float16 and layer.zero.dtype == torch.float32
 

@@ -77,16 +77,7 @@ class _ShardedQuantLinearMixin:
     """
 
     def _apply(self, fn, recurse=True):
-        # `fn` is opaque (.half(), .to(dtype), .to(device), to_empty): run it on
-        # empty probes of the stored dtypes and refuse any dtype change.
-        for dtype in {torch.int32, torch.float32, *(d for d in self._qalora_dtypes.values())}:
-            probe = torch.empty(0, dtype=dtype, device="meta")
-            got = fn(probe)
-            if isinstance(got, torch.Tensor) and got.dtype != dtype:
-                raise TypeError(
-                    f"{type(self).__name__}: a dtype cast ({dtype} -> {got.dtype}) of an FSDP2-sharded packed "
-                    f"layer is refused: it would reinterpret the packed int32 words or re-round the stored "
-                    f"scales/zeros; use torch.autocast for bfloat16 compute (finetune(autocast=torch.bfloat16))")
+        _refuse_dtype_change(fn, type(self).__name__)
         return nn.Module._apply(self, fn, recurse)
 
     def _check_stored_dtypes(self) -> None:
@@ -101,6 +92,39 @@ class _ShardedQuantLinearMixin:
     def forward(self, x, adapter=None):
         self._check_stored_dtypes()
         return super().forward(x, adapter)
+
+
+_STORED_DTYPES = (torch.int32, torch.float16, torch.bfloat16, torch.float32)
+
+
+def _refuse_dtype_change(fn, where: str) -> None:
+    """Refuse an ``_apply`` function that changes a dtype (``.half()``, ``.to(dtype)``); device moves pass.
+
+    ``fn`` is opaque (``.half()``, ``.to(dtype)``, ``.to(device)``,
+    ``to_empty``): it is run on empty meta probes of the stored dtypes.
+    """
+    for dtype in _STORED_DTYPES:
+        got = fn(torch.empty(0, dtype=dtype, device="meta"))
+        if isinstance(got, torch.Tensor) and got.dtype != dtype:
+            raise TypeError(
+                f"{where}: a dtype cast ({dtype} -> {got.dtype}) of an FSDP2-sharded packed model is refused: it "
+                f"would reinterpret the packed int32 words or re-round the stored scales/zeros; use torch.autocast "
+                f"for bfloat16 compute (finetune(autocast=torch.bfloat16))")
+
+
+def _guard_ancestors(model: nn.Module) -> None:
+    """Every module above a packed layer checks a cast before any child is touched (no half-cast model)."""
+    for m in model.modules():
+        if isinstance(m, _ShardedQuantLinearMixin) or "_apply" in vars(m):
+            continue
+        if any(isinstance(c, _ShardedQuantLinearMixin) for c in m.modules()):
+            cls_apply = type(m)._apply
+
+            def guarded(fn, recurse=True, _m=m, _apply=cls_apply):
+                _refuse_dtype_change(fn, type(_m).__name__)
+                return _apply(_m, fn, recurse)
+
+            m._apply = guarded
 
 
 def _sharded_class(cls: type) -> type:
@@ -216,13 +240,40 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
         _broadcast_from_rank0(model, mesh.get_group())
     for layer in _packed_layers(model):
         _to_frozen_parameters(layer)
+    _guard_ancestors(model)
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for block in _decoder_blocks(model):
         fully_shard(block, **kwargs)
+    for module in _embedding_groups(model):
+        fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def _embedding_groups(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and an untied output head, each its own FSDP2 group.
+
+    Left in the root group they would stay gathered from the start of the
+    forward to the end of the backward (FSDP2 keeps the root unsharded in
+    between): a full vocabulary x hidden matrix on every rank. A tied pair
+    shares one parameter and stays in the root.
+    """
+    modules = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            m = fn() if callable(fn) else None
+        except (NotImplementedError, AttributeError):
+            m = None
+        if isinstance(m, nn.Module) and m is not model and not any(m is x for x in modules):
+            modules.append(m)
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [m for m in modules if all(owners.get(id(p), 0) == 1 for p in m.parameters())]
 
 
 def _local_rows(full: torch.Tensor, local_shape, rank: int, world: int) -> torch.Tensor:
