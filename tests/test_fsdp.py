@@ -77,6 +77,37 @@ def quantized_folder(tmp_path_factory):
     return root
 
 
+def _memory_plan():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fsdp_memory_plan", ROOT / "bench" / "fsdp_memory_plan.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fsdp_memory_plan", mod)  # dataclasses look their module up
+    spec.loader.exec_module(sys.modules["fsdp_memory_plan"])
+    return sys.modules["fsdp_memory_plan"]
+
+
+def _tiny_config(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+    return {k: cfg[k] for k in keys}
+
+
+def test_memory_plan_script_prints_every_model_and_rank_count(capsys):
+    plan = _memory_plan()
+    assert plan.main(["--models", "Llama-2 7B", "--seq-len", "512"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Llama-2 7B") == 4
+    (one, two, four, eight) = plan.plan_model("Llama-2 7B", plan.CONFIGS["Llama-2 7B"], seq_len=512)
+    # INT4 G32, float16 scales, float32 zeros: 4 + 16/32 + 32/32 = 5.5 bits per packed weight.
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert one.packed_rank_bytes == linear * 5.5 / 8
+    assert two.packed_rank_bytes == one.packed_rank_bytes / 2 and eight.packed_rank_bytes == one.packed_rank_bytes / 8
+    assert one.total > two.total > four.total > eight.total
+    assert eight.qlora_nf4_total < eight.lora_bf16_total
+
+
 def _adapters(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -101,6 +132,9 @@ def test_two_ranks_equal_one_process_shard_memory_and_resume_after_kill(quantize
     for line in held:
         frac = float(line.rsplit("(", 1)[1].rstrip(")"))
         assert frac <= 0.55, line
+    # ... exactly what bench/fsdp_memory_plan.py plans for this model at 2 ranks.
+    plan = _memory_plan().plan_model("tiny", _tiny_config(root / "q"), ranks=(2,))[0]
+    assert all(f"holds {plan.packed_rank_bytes} of" in line for line in held), (plan, held)
 
     # One process, the same global batch and the same adapter init: the same adapters.
     lm, tok, _ = loading.load_model(root / "q")
