@@ -131,6 +131,11 @@ class QuantLinear(nn.Module):
     # -- use -------------------------------------------------------------------
 
     @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes under the name quantized-layer tooling looks for (PEFT finds a layer's device there)."""
+        return self.packed
+
+    @property
     def scale_dtype(self) -> torch.dtype:
         return self.scale.dtype
 

@@ -69,6 +69,7 @@ __all__ = [
     "adapter_entry",
     "model_config_dict",
     "plan_shards",
+    "build_layer",
     "save_model",
 ]
 
@@ -369,7 +370,7 @@ def _read_quant_config(directory: Path, verify: bool) -> tuple[dict, dict]:
     return config, qc
 
 
-def _build_layer(name: str, entry: dict) -> nn.Module:
+def build_layer(name: str, entry: dict) -> nn.Module:
     """An empty (meta) layer shaped as ``entry``, ready for assign-loading."""
     try:
         layout = entry["layout"]
@@ -497,7 +498,7 @@ def _plan_layers(model: nn.Module, modules: dict, tied_modules: dict) -> dict[st
         if shape != (entry.get("in_features"), entry.get("out_features")):
             raise CheckpointError(f"layer {name!r}: the model has in/out features {shape}, the checkpoint "
                                   f"{(entry.get('in_features'), entry.get('out_features'))}")
-        new_layers[name] = _build_layer(name, entry)
+        new_layers[name] = build_layer(name, entry)
     for alias, source in tied_modules.items():
         if source not in new_layers or not alias or _get_module(model, alias) is None:
             raise CheckpointError(f"shared layer {alias!r} -> {source!r} does not fit the model")

@@ -74,9 +74,6 @@ class QALoRAPeftLinear(nn.Module, LoraLayer):
         if not isinstance(base, QuantLinear):
             raise TypeError(f"QALoRAPeftLinear wraps a qalora_ext QuantLinear; got {type(base).__name__}")
         _check_config(config, base)
-        # PEFT's _replace_module looks for the base's device under `qweight` (as for GPTQ layers); our codes are
-        # the `packed` buffer. A plain attribute, dropped again at the first forward, merge or move.
-        base.__dict__["qweight"] = base.packed
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
@@ -97,9 +94,6 @@ class QALoRAPeftLinear(nn.Module, LoraLayer):
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     # -- helpers ---------------------------------------------------------------
-
-    def _drop_qweight_alias(self) -> None:
-        self.get_base_layer().__dict__.pop("qweight", None)
 
     def _is_qalora(self, adapter: str) -> bool:
         return isinstance(self.lora_variant.get(adapter), QALoraLinearVariant)
@@ -124,7 +118,6 @@ class QALoRAPeftLinear(nn.Module, LoraLayer):
     # -- forward -------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._drop_qweight_alias()
         if kwargs.get("adapter_names") is not None:
             raise ValueError("adapter_names (PEFT's mixed-batch inference) is not supported on qalora_ext layers; "
                              "use set_adapter")
@@ -169,7 +162,6 @@ class QALoRAPeftLinear(nn.Module, LoraLayer):
         LoRA adapter (``use_qalora=False``) is refused: ``B A`` is a full-rank
         change of every weight, which INT-b codes cannot hold.
         """
-        self._drop_qweight_alias()
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
@@ -216,7 +208,6 @@ class QALoRAPeftLinear(nn.Module, LoraLayer):
         return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight).float() * self.scaling[adapter]
 
     def _apply(self, fn, recurse=True):
-        self._drop_qweight_alias()
         return super()._apply(fn, recurse)
 
     def __repr__(self) -> str:

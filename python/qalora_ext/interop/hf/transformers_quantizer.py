@@ -40,11 +40,12 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ...checkpoint.files import CheckpointError, check_format_version, dtype_from_name, dtype_name
+from ...checkpoint.files import CheckpointError, check_format_version, dtype_name
 from ...checkpoint.quantized import QUANT_METHOD, save_quantized
+from ...checkpoint.quantized import build_layer as _build_checkpoint_layer
 from ...format import KNOWN_LAYOUTS
 from ...model import freeze_all_but_adapters, set_module
-from ...nn import QALoRALinear, QuantLinear
+from ...nn import QALoRALinear
 
 __all__ = ["QALoRAExtConfig", "QALoRAExtHfQuantizer", "register", "build_layer"]
 
@@ -90,26 +91,11 @@ class QALoRAExtConfig(QuantizationConfigMixin):
 
 
 def build_layer(name: str, entry: dict) -> nn.Module:
-    """An empty (meta) ``QuantLinear`` / ``QALoRALinear`` shaped as a module-table ``entry``.
-
-    The same construction as ``load_quantized``'s (checkpoint/quantized.py);
-    errors name the layer.
-    """
+    """An empty (meta) layer shaped as a module-table ``entry``: ``load_quantized``'s own construction."""
     try:
-        if entry["layout"] not in KNOWN_LAYOUTS:
-            raise ValueError(f"packed layout {entry['layout']!r} is not known (known: {KNOWN_LAYOUTS})")
-        layer = QuantLinear(int(entry["in_features"]), int(entry["out_features"]), int(entry["bits"]),
-                            int(entry["group_size"]), bool(entry["bias"]),
-                            dtype_from_name(entry["scale_dtype"], "scale_dtype"),
-                            dtype_from_name(entry["zero_dtype"], "zero_dtype"), entry["layout"], device="meta")
-        ad = entry.get("adapter")
-        if ad is None:
-            return layer
-        if ad.get("pooling", "mean") != "mean":
-            raise ValueError(f"adapter pooling {ad.get('pooling')!r} is not supported (only 'mean')")
-        return QALoRALinear(layer, int(ad["rank"]), float(ad["alpha"]), float(ad["dropout"]), bool(ad["use_rslora"]))
-    except (KeyError, TypeError, ValueError, CheckpointError) as e:
-        raise ValueError(f"quantization_config: module {name!r}: bad entry ({type(e).__name__}: {e})") from e
+        return _build_checkpoint_layer(name, entry)
+    except CheckpointError as e:
+        raise ValueError(f"quantization_config: {e}") from e
 
 
 def _check_device_map(device_map) -> None:
