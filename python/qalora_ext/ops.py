@@ -35,6 +35,36 @@ __all__ = [
 ]
 
 
+def _check_tensors(required: dict, optional: Optional[dict] = None) -> None:
+    """Every required argument is a tensor, every optional one a tensor or None (TypeError naming it)."""
+    for name, t in required.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    for name, t in (optional or {}).items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None; got {type(t).__name__}")
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+
+
+def _check_scaling(scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a number (the adapter's alpha / rank); got {type(scaling).__name__} "
+                        f"{scaling!r}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite; got {scaling!r}")
+    return float(scaling)
+
+
+def _check_linear_args(x_name: str, x, packed, scale, zero, layout, scaling, **optional) -> float:
+    _check_tensors({x_name: x, "packed": packed, "scale": scale, "zero": zero}, optional)
+    _check_int("layout", layout)
+    return _check_scaling(scaling)
+
+
 def _check_devices(op: str, ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
     if ref.device.type == "cuda" and not _C.WITH_CUDA:
         raise RuntimeError(
@@ -64,6 +94,7 @@ def quantize_rtn(
     Returns ``(packed, scale, zero)``: ``packed`` int32 (N, S) in layout 1,
     ``scale`` (N, K/G) in ``scale_dtype``, ``zero`` (N, K/G) in ``zero_dtype``.
     """
+    _check_tensors({"weight": weight})
     check_bits(bits)
     check_group_size(group_size)
     check_store_dtypes(scale_dtype, zero_dtype)
@@ -72,13 +103,17 @@ def quantize_rtn(
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes (N, K) in [0, 2^bits) into layout 1 (int32 (N, S))."""
+    _check_tensors({"codes": codes})
     check_bits(bits)
     return _ops.pack(codes, bits)
 
 
 def unpack(packed: torch.Tensor, bits: int, in_features: int, layout: int = LAYOUT_CANONICAL) -> torch.Tensor:
     """Codes (N, in_features) uint8 of a packed tensor."""
+    _check_tensors({"packed": packed})
     check_bits(bits)
+    _check_int("in_features", in_features)
+    _check_int("layout", layout)
     return _ops.unpack(packed, bits, in_features, layout)
 
 
@@ -91,6 +126,8 @@ def dequantize(
     layout: int = LAYOUT_CANONICAL,
 ) -> torch.Tensor:
     """The float32 weight ``W~ = scale * q + zero`` (N, K)."""
+    _check_tensors({"packed": packed, "scale": scale, "zero": zero})
+    _check_int("layout", layout)
     check_bits(bits)
     check_group_size(group_size)
     return _ops.dequantize(packed, scale, zero, bits, group_size, layout)
@@ -117,12 +154,13 @@ def qlinear(
     input (already including ``1/(1-p)``), or None. Differentiable in x,
     bias, lora_A and lora_B.
     """
+    scaling = _check_linear_args("x", x, packed, scale, zero, layout, scaling, bias=bias, lora_A=lora_A,
+                                 lora_B=lora_B, pool_mask=pool_mask)
     check_bits(bits)
     check_group_size(group_size)
     _check_devices("qlinear", x, packed=packed, scale=scale, zero=zero, bias=bias, lora_A=lora_A, lora_B=lora_B,
                    pool_mask=pool_mask)
-    return _ops.qlinear(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, float(scaling), bits, group_size,
-                        layout)
+    return _ops.qlinear(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout)
 
 
 def qlinear_int8(
@@ -151,6 +189,8 @@ def qlinear_int8(
     path runs (the GEMM there is not limited by the activations' format).
     No gradient: use ``qlinear`` for training.
     """
+    scaling = _check_linear_args("x", x, packed, scale, zero, layout, scaling, bias=bias, lora_A=lora_A,
+                                 lora_B=lora_B, pool_mask=pool_mask)
     check_bits(bits)
     check_group_size(group_size)
     _check_devices("qlinear_int8", x, packed=packed, scale=scale, zero=zero, bias=bias, lora_A=lora_A,
@@ -158,8 +198,8 @@ def qlinear_int8(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
         raise RuntimeError("qlinear_int8 has no gradient (int8 activations are for inference); use qlinear to "
                            "train, or run under torch.no_grad() / torch.inference_mode()")
-    return _ops.qlinear_int8(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, float(scaling), bits,
-                             group_size, layout)
+    return _ops.qlinear_int8(x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size,
+                             layout)
 
 
 def qlinear_grad_input(
@@ -177,11 +217,13 @@ def qlinear_grad_input(
     layout: int = LAYOUT_CANONICAL,
 ) -> torch.Tensor:
     """``grad_x = grad_out W~ + scaling/G * unpool(mask * ((grad_out B) A))`` (SPEC)."""
+    scaling = _check_linear_args("grad_out", grad_out, packed, scale, zero, layout, scaling, lora_A=lora_A,
+                                 lora_B=lora_B, pool_mask=pool_mask)
     check_bits(bits)
     check_group_size(group_size)
     _check_devices("qlinear_grad_input", grad_out, packed=packed, scale=scale, zero=zero, lora_A=lora_A,
                    lora_B=lora_B, pool_mask=pool_mask)
-    return _ops.qlinear_grad_input(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, float(scaling), bits,
+    return _ops.qlinear_grad_input(grad_out, packed, scale, zero, lora_A, lora_B, pool_mask, scaling, bits,
                                    group_size, layout)
 
 
