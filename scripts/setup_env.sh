@@ -114,7 +114,7 @@ fi
 
 if [ "$SETUP_FOR" = tests ]; then
   stamp_test="$VENV/.qalora-test-reqs"
-  want_test="pytest"
+  want_test="pytest hypothesis==6.170.27"
   if [ "$(cat "$stamp_test" 2>/dev/null)" != "$want_test" ]; then
     step_start "installing the test requirements ($want_test)"
     "${PIP[@]}" install --quiet $want_test
