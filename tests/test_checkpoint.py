@@ -671,3 +671,21 @@ def test_malformed_checkpoints_fail_at_load_naming_the_problem(tmp_path, edit):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=want):
         qe.load_quantized(out, model=copy.deepcopy(fresh), verify=False)
+
+
+@pytest.mark.parametrize("bad", ["layers_list", "entry_string"])
+def test_adapter_config_entries_of_the_wrong_kind_are_named(tmp_path, bad):
+    _, model, _, _ = _make(3, adapters=True, rank=4)
+    qe.save_adapter(model, tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if bad == "layers_list":
+        cfg["layers"] = list(cfg["layers"])
+        want = "'layers' must be an object"
+    else:
+        cfg["layers"][cfg["target_modules"][0]] = "rank 4"
+        want = "its entry in 'layers' must be an object"
+    cfg_path.write_text(json.dumps(cfg))
+    _, target, _, _ = _make(3, adapters=False)
+    with pytest.raises(CheckpointError, match=want):
+        qe.load_adapter(target, tmp_path / "ad", verify=False)

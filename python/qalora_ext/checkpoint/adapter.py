@@ -192,7 +192,12 @@ def _load_adapter_tensors(directory: Path, targets: list) -> dict:
 def _plan_layer(model: nn.Module, name: str, cfg: dict, cfg_path: Path, tensors: dict) -> tuple:
     """``(name, layer, base, hyper-parameters, A, B)`` of one target, every value checked."""
     layers_cfg = cfg.get("layers") or {}
-    lc = dict(layers_cfg.get(name) or {})
+    if not isinstance(layers_cfg, dict):
+        raise CheckpointError(f"{cfg_path}: 'layers' must be an object of per-layer entries; got {layers_cfg!r}")
+    entry = layers_cfg.get(name)
+    if entry is not None and not isinstance(entry, dict):
+        raise CheckpointError(f"{cfg_path}: layer {name!r}: its entry in 'layers' must be an object; got {entry!r}")
+    lc = dict(entry or {})
     for key, fallback in (("rank", "rank"), ("alpha", "alpha"), ("dropout", "dropout"),
                           ("use_rslora", "use_rslora"), ("group_size", "group_size")):
         if lc.get(key) is None:
