@@ -1,4 +1,4 @@
-"""qalora_ext.data: the default corpus split, text blocks, instruction pairs, held-out windows, perplexity.
+"""qalora_ext.training.data: the default corpus split, text blocks, instruction pairs, held-out windows, perplexity.
 
 A character-level fake tokenizer stands in for a real one (nothing is
 downloaded); a tiny random Llama stands in for a real model.

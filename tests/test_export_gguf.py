@@ -1,4 +1,4 @@
-"""GGUF export (qalora_ext.export_gguf): exact Q4_1 blocks, metadata, tokenizer, refusals, and real clients.
+"""GGUF export (qalora_ext.interop.gguf_export): exact Q4_1 blocks, metadata, tokenizer, refusals, and real clients.
 
 Oracles, none of them our exporter's own code:
 * ``gguf.GGUFReader`` + ``gguf.quants.dequantize`` (llama.cpp's Python package)

@@ -1,4 +1,4 @@
-"""qalora_ext.train.finetune on a tiny random quantized Llama (CPU)."""
+"""qalora_ext.training.finetune on a tiny random quantized Llama (CPU)."""
 
 import importlib.util
 import json
