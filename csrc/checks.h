@@ -176,11 +176,13 @@ inline void check_codes(const at::Tensor& codes, int64_t bits) {
   }
 }
 
-inline void check_activation(const at::Tensor& x, int64_t features, const char* what) {
+// cuda_kernel: the CUDA kernels' dtypes (float16 too) even for CPU tensors (the
+// emulated CUDA ops, QALORA_CUDA_EMULATION).
+inline void check_activation(const at::Tensor& x, int64_t features, const char* what, bool cuda_kernel = false) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == features, what, " must have last dimension ", features,
                     "; got shape ", x.sizes());
   const auto st = x.scalar_type();
-  if (x.is_cpu()) {
+  if (x.is_cpu() && !cuda_kernel) {
     TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16, what, " must be float32 or bfloat16 on CPU; got ",
                      st);
   } else {
@@ -242,10 +244,10 @@ inline bool check_qlinear_args(const at::Tensor& x, const at::Tensor& packed, co
                                const at::Tensor& zero, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
                                const std::optional<at::Tensor>& pool_mask, int64_t bits, int64_t group_size,
-                               int64_t layout) {
+                               int64_t layout, bool cuda_kernel = false) {
   check_quant_weight(packed, scale, zero, bits, group_size, layout);
   const int64_t N = packed.size(0), L = scale.size(1);
-  check_activation(x, L * group_size, "x");
+  check_activation(x, L * group_size, "x", cuda_kernel);
   check_same_device(x, {&packed, &scale, &zero}, "qlinear");
   const bool adapter = check_adapter(lora_A, lora_B, N, L, x);
   check_bias(bias, N, x);
@@ -258,10 +260,10 @@ inline bool check_grad_input_args(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& zero, const std::optional<at::Tensor>& lora_A,
                                   const std::optional<at::Tensor>& lora_B,
                                   const std::optional<at::Tensor>& pool_mask, int64_t bits, int64_t group_size,
-                                  int64_t layout) {
+                                  int64_t layout, bool cuda_kernel = false) {
   check_quant_weight(packed, scale, zero, bits, group_size, layout);
   const int64_t N = packed.size(0), L = scale.size(1);
-  check_activation(grad_out, N, "grad_out");
+  check_activation(grad_out, N, "grad_out", cuda_kernel);
   check_same_device(grad_out, {&packed, &scale, &zero}, "qlinear_grad_input");
   const bool adapter = check_adapter(lora_A, lora_B, N, L, grad_out);
   check_pool_mask(pool_mask, grad_out, L, adapter);

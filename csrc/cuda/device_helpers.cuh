@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "cuda/compat.cuh"
 #include "cuda/launchers.cuh"
 
 namespace qalora {

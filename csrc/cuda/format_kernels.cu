@@ -87,7 +87,7 @@ cudaError_t launch_dequantize(const PackedView& w, void* out, FloatType out_type
     constexpr int BITS = decltype(bits_tag)::value;
     return by_type(out_type, [&](auto tag) {
       using T = decltype(tag);
-      dequantize_kernel<BITS, T><<<grid_for(w.N * (w.K / kChunk), 256), 256, 0, s>>>(w, static_cast<T*>(out));
+      QALORA_LAUNCH(grid_for(w.N * (w.K / kChunk), 256), 256, 0, s, dequantize_kernel<BITS, T>)(w, static_cast<T*>(out));
       return cudaGetLastError();
     });
   });
@@ -97,21 +97,21 @@ cudaError_t launch_unpack(const uint32_t* packed, int64_t stride_words, int64_t 
                          uint8_t* codes, cudaStream_t s) {
   return by_bits(bits, [&](auto bits_tag) {
     constexpr int BITS = decltype(bits_tag)::value;
-    unpack_kernel<BITS><<<grid_for(N * (K / kChunk), 256), 256, 0, s>>>(packed, stride_words, N, K, codes);
+    QALORA_LAUNCH(grid_for(N * (K / kChunk), 256), 256, 0, s, unpack_kernel<BITS>)(packed, stride_words, N, K, codes);
     return cudaGetLastError();
   });
 }
 
 cudaError_t launch_pack(const uint8_t* codes, int64_t N, int64_t K, int bits, uint32_t* packed,
                         int64_t stride_words, cudaStream_t s) {
-  pack_kernel<<<grid_for(N * (K / kChunk), 256), 256, 0, s>>>(codes, N, K, bits, packed, stride_words);
+  QALORA_LAUNCH(grid_for(N * (K / kChunk), 256), 256, 0, s, pack_kernel)(codes, N, K, bits, packed, stride_words);
   return cudaGetLastError();
 }
 
 cudaError_t launch_quantize_rtn(const float* w, int64_t N, int64_t K, int bits, int group_size, void* scale,
                                 FloatType scale_type, void* zero, FloatType zero_type, uint32_t* packed,
                                 int64_t stride_words, cudaStream_t s) {
-  quantize_rtn_kernel<<<grid_for(N * (K / group_size), 128), 128, 0, s>>>(w, N, K, bits, group_size, scale,
+  QALORA_LAUNCH(grid_for(N * (K / group_size), 128), 128, 0, s, quantize_rtn_kernel)(w, N, K, bits, group_size, scale,
                                                                           scale_type, zero, zero_type, packed,
                                                                           stride_words);
   return cudaGetLastError();

@@ -71,11 +71,11 @@ __global__ void __launch_bounds__(kThreads, 3)
     mma_gemm_kernel(PackedView w, const T* __restrict__ x, int64_t M, const float* __restrict__ chunk_sums,
                     const float* __restrict__ bias, const float* __restrict__ u, const float* __restrict__ B,
                     int64_t rank, T* __restrict__ y, float* __restrict__ partial, int64_t groups_per_split) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if QALORA_SM80
   constexpr int CS = kCodeStride<BITS>;
   constexpr int QV = kCodeVecsPerThread<BITS>;
-  __shared__ __align__(16) T sx[2][kBM * kXStride];  // two stages: one computed, one in flight
-  __shared__ __align__(16) uint32_t sq[2][kBN * CS];
+  QALORA_SHARED(16, T, sx, [2][kBM * kXStride]);  // two stages: one computed, one in flight
+  QALORA_SHARED(16, uint32_t, sq, [2][kBN * CS]);
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int gid = lane >> 2, tig = lane & 3;
@@ -257,11 +257,11 @@ cudaError_t launch_mma_gemm(const PackedView& w, const void* x, FloatType xt, in
   cudaError_t err = by_bits(w.bits, [&](auto bits_tag) -> cudaError_t {
     constexpr int BITS = decltype(bits_tag)::value;
     if (xt == FloatType::kFloat16)
-      mma_gemm_kernel<BITS, __half><<<grid, kThreads, 0, s>>>(
+      QALORA_LAUNCH(grid, kThreads, 0, s, mma_gemm_kernel<BITS, __half>)(
           w, static_cast<const __half*>(x), M, chunk_sums, bias, u, B, rank, static_cast<__half*>(y),
           splits > 1 ? workspace : nullptr, per);
     else
-      mma_gemm_kernel<BITS, __nv_bfloat16><<<grid, kThreads, 0, s>>>(
+      QALORA_LAUNCH(grid, kThreads, 0, s, mma_gemm_kernel<BITS, __nv_bfloat16>)(
           w, static_cast<const __nv_bfloat16*>(x), M, chunk_sums, bias, u, B, rank,
           static_cast<__nv_bfloat16*>(y), splits > 1 ? workspace : nullptr, per);
     return cudaGetLastError();

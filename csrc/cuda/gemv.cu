@@ -149,7 +149,7 @@ cudaError_t launch_gemv(const PackedView& w, const void* x, FloatType xt, int64_
       const int64_t units = (chunks + Unit<BITS>::chunks - 1) / Unit<BITS>::chunks;
       const int64_t per_split = (units + splits - 1) / splits;
       const dim3 grid(static_cast<unsigned>((w.N + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>(splits));
-      gemv_kernel<BITS, T><<<grid, kGemvWarps * kWarp, 0, s>>>(
+      QALORA_LAUNCH(grid, kGemvWarps * kWarp, 0, s, gemv_kernel<BITS, T>)(
           w, static_cast<const T*>(x), static_cast<int>(M), chunk_sums, bias, u, B, rank, static_cast<T*>(y),
           splits > 1 ? workspace : nullptr, per_split);
       cudaError_t err = cudaGetLastError();
@@ -163,7 +163,7 @@ cudaError_t launch_split_reduce(const float* partial, int splits, int64_t M, int
                                 const float* u, const float* B, int64_t rank, void* y, FloatType yt, cudaStream_t s) {
   return by_type(yt, [&](auto tag) {
     using T = decltype(tag);
-    split_reduce_kernel<T><<<grid_for(M * N, 256), 256, 0, s>>>(partial, splits, M, N, bias, u, B, rank,
+    QALORA_LAUNCH(grid_for(M * N, 256), 256, 0, s, split_reduce_kernel<T>)(partial, splits, M, N, bias, u, B, rank,
                                                                 static_cast<T*>(y));
     return cudaGetLastError();
   });

@@ -66,12 +66,13 @@ template <int BITS, typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_mma_kernel(PackedView w, const T* __restrict__ gy, int64_t M, const float* __restrict__ group_add,
                     T* __restrict__ gx) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if QALORA_SM80
   constexpr int CW = kCodeWords<BITS>;
   constexpr int CS = kCodeStride<BITS>;
-  __shared__ __align__(16) T sg[2][kBM * kGStride];
-  __shared__ __align__(16) uint32_t sq[2][kStageN * CS];
-  __shared__ float ss[2][kStageN * 2], sz[2][kStageN * 2];
+  QALORA_SHARED(16, T, sg, [2][kBM * kGStride]);
+  QALORA_SHARED(16, uint32_t, sq, [2][kStageN * CS]);
+  QALORA_SHARED(4, float, ss, [2][kStageN * 2]);
+  QALORA_SHARED(4, float, sz, [2][kStageN * 2]);
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int gid = lane >> 2, tig = lane & 3;
@@ -203,10 +204,10 @@ cudaError_t launch_grad_mma(const PackedView& w, const void* grad_out, FloatType
   auto go = [&](auto bits_tag) -> cudaError_t {
     constexpr int BITS = decltype(bits_tag)::value;
     if (t == FloatType::kFloat16)
-      grad_mma_kernel<BITS, __half><<<grid, kThreads, 0, s>>>(w, static_cast<const __half*>(grad_out), M, group_add,
+      QALORA_LAUNCH(grid, kThreads, 0, s, grad_mma_kernel<BITS, __half>)(w, static_cast<const __half*>(grad_out), M, group_add,
                                                               static_cast<__half*>(grad_x));
     else
-      grad_mma_kernel<BITS, __nv_bfloat16><<<grid, kThreads, 0, s>>>(
+      QALORA_LAUNCH(grid, kThreads, 0, s, grad_mma_kernel<BITS, __nv_bfloat16>)(
           w, static_cast<const __nv_bfloat16*>(grad_out), M, group_add, static_cast<__nv_bfloat16*>(grad_x));
     return cudaGetLastError();
   };

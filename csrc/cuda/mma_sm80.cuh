@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "cuda/compat.cuh"
+
 namespace qalora {
 namespace cuda {
 namespace sm80 {
@@ -26,11 +28,15 @@ template <>
 struct Mma<__half> {
   // d += a * b
   static __device__ __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
+#if defined(QALORA_CUDA_EMULATION)
+    ::qalora_emu::mma_m16n8k16(d, a, b, ::qalora_emu::MmaType::kF16);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
   // Two codes (< 16) as two exact float16 values: 0x6400 | c is 1024 + c;
   // subtracting 1024 leaves c.
@@ -50,11 +56,15 @@ struct Mma<__half> {
 template <>
 struct Mma<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
+#if defined(QALORA_CUDA_EMULATION)
+    ::qalora_emu::mma_m16n8k16(d, a, b, ::qalora_emu::MmaType::kBF16);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
   // 0x4300 | c is 128 + c exactly in bfloat16 (7 mantissa bits); minus 128.
   static __device__ __forceinline__ uint32_t codes(uint32_t lo, uint32_t hi) {
@@ -77,6 +87,16 @@ __device__ __forceinline__ uint32_t ld_shared_u32(const void* p) { return *reint
 
 // Global -> shared copies that bypass registers: 16 bytes (L2 only) or 4
 // bytes. When `live` is false nothing is read and the bytes are zero-filled.
+// (Emulated: the destination reads as poison until its group is waited for.)
+#if defined(QALORA_CUDA_EMULATION)
+inline void cp_async_16(void* smem, const void* gmem, bool live) { ::qalora_emu::cp_async(smem, gmem, 16, live); }
+inline void cp_async_4(void* smem, const void* gmem, bool live) { ::qalora_emu::cp_async(smem, gmem, 4, live); }
+inline void cp_async_commit() { ::qalora_emu::cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+  ::qalora_emu::cp_async_wait(N);
+}
+#else
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool live) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(live ? 16 : 0)
@@ -93,6 +113,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif
 
 }  // namespace sm80
 }  // namespace cuda

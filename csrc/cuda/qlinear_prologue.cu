@@ -49,7 +49,7 @@ cudaError_t launch_chunk_sums(const void* x, FloatType xt, int64_t M, int64_t K,
   return by_type(xt, [&](auto tag) {
     using T = decltype(tag);
     const int64_t n = M * (K / kChunk);
-    chunk_sums_kernel<T><<<grid_for(n, 256), 256, 0, s>>>(static_cast<const T*>(x), M, K, chunk_sums);
+    QALORA_LAUNCH(grid_for(n, 256), 256, 0, s, chunk_sums_kernel<T>)(static_cast<const T*>(x), M, K, chunk_sums);
     return cudaGetLastError();
   });
 }
@@ -57,7 +57,7 @@ cudaError_t launch_chunk_sums(const void* x, FloatType xt, int64_t M, int64_t K,
 cudaError_t launch_adapter_input(const float* chunk_sums, const float* mask, const float* A, int64_t M, int64_t L,
                                  int64_t rank, int group_size, float scaling, float* u, cudaStream_t s) {
   const float factor = scaling / static_cast<float>(group_size);
-  adapter_input_kernel<<<grid_for(M * rank, 128), 128, 0, s>>>(chunk_sums, mask, A, M, L, rank, group_size, factor,
+  QALORA_LAUNCH(grid_for(M * rank, 128), 128, 0, s, adapter_input_kernel)(chunk_sums, mask, A, M, L, rank, group_size, factor,
                                                                 u);
   return cudaGetLastError();
 }

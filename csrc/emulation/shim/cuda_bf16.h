@@ -1,0 +1,3 @@
+// Emulation shim: see emulation/runtime.h.
+#pragma once
+#include "emulation/runtime.h"
