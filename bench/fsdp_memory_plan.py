@@ -12,8 +12,11 @@ would place them, and the plan is computed from those real tensor shapes:
 - **adapters + optimizer**: the adapters' float32 parameters, float32
   gradients and AdamW's two float32 moments (16 bytes per adapter element),
   sharded the same way;
-- **gather buffers**: the largest FSDP2 group gathered whole, twice (the
-  group being computed and the one prefetched), minus this rank's shard;
+- **gather + workspace**: FSDP2's transient full copies of the largest
+  group (its all-gather output, the unsharded parameters it is copied into,
+  and the next group prefetched: 3 copies, less this rank's shard), plus
+  the kernels' workspace: the CPU backward dequantizes one packed layer to
+  float32 (QLoRA's dequantizes one to bf16; dense LoRA needs none);
 - **activations** (per rank, one micro-batch of ``--micro-batch`` x
   ``--seq-len``, gradient checkpointing per decoder layer, bf16 autocast,
   SDPA attention): the checkpointed layer inputs (``L x B x S x h x 2``
@@ -184,11 +187,14 @@ def plan_model(name: str, cfg: dict, *, bits: int = 4, group_size: int = 32, ran
         base = packed_rank + sum(_shard_bytes(t, world, 2) for t in float_tensors)
         adapters = sum(_shard_bytes(t, world) for t in adapter_tensors) * 4  # param, grad, 2 Adam moments
 
+        largest = max(o * i for o, i, _ in dense_weights)
+        workspace = {"qalora": 4 * largest, "lora": 0, "nf4": 2 * largest}
+
         def gather(kind):
             if world == 1:
-                return 0.0
+                return float(workspace[kind])
             g = max(full_group_bytes(kind).values())
-            return 2 * g * (1 - 1 / world)
+            return 3 * g - g / world + workspace[kind]
 
         dense_lin = sum(math.ceil(o / world) * i * 2 + (o * 2 if bias else 0) // world for o, i, bias in dense_weights)
         nf4_lin = sum(o * i * NF4_BITS / 8 / world for o, i, _ in dense_weights)
@@ -207,7 +213,7 @@ def markdown(plans: list[Plan], args) -> str:
     lines = [f"INT{args.bits} G{args.group_size} (float16 scales, float32 zeros), adapter rank {args.rank} on every "
              f"linear layer but the head, sequence {args.seq_len} x micro-batch {args.micro_batch}, gradient "
              f"checkpointing, bf16 autocast; GiB per rank.", "",
-             "| model | ranks | packed base | adapters + AdamW | gather buffers | activations | **QA-LoRA total** "
+             "| model | ranks | packed base | adapters + AdamW | gather + workspace | activations | **QA-LoRA total** "
              "| dense bf16 LoRA | QLoRA NF4 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in plans:

@@ -247,3 +247,12 @@ def test_mixed_precision_applied_outside_is_caught_in_forward(one_rank_group):
     fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="MixedPrecisionPolicy"):
         model(input_ids=torch.randint(0, 256, (1, 8)))
+
+
+def test_cli_fsdp_refuses_a_float_model(quantized_folder, tmp_path, capsys):
+    from qalora_ext.cli import main
+
+    root = quantized_folder
+    assert main(["finetune", "--fsdp", "--model", str(root / "float"), "--out", str(tmp_path / "o"),
+                 "--steps", "1"]) == 2
+    assert "quantize it first" in capsys.readouterr().err

@@ -49,6 +49,7 @@ __all__ = [
     "resident_packed_bytes",
     "load_quantized_sharded",
     "init_adapters_sharded",
+    "materialize",
     "optimizer_state_full",
     "load_optimizer_state_full",
     "PACKED_TENSORS",
@@ -354,6 +355,24 @@ def resident_packed_bytes(model: nn.Module) -> tuple[int, int]:
 # ---------------------------------------------------------------------------
 
 
+def materialize(model: nn.Module, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Allocate (uninitialised) the shards of a model sharded on the meta device; each rank only its own.
+
+    ``to_empty``, except that buffers already materialised (the rotary
+    ``inv_freq`` that ``build_transformers_model`` recomputes on the CPU)
+    keep their values.
+    """
+    kept = {}
+    for mname, m in model.named_modules():
+        for bname, b in m._buffers.items():
+            if b is not None and not b.is_meta:
+                kept[(mname, bname)] = b
+    model.to_empty(device=device)
+    for (mname, bname), b in kept.items():
+        model.get_submodule(mname)._buffers[bname] = b.to(device)
+    return model
+
+
 def init_adapters_sharded(model: nn.Module, seed: int) -> None:
     """Give the sharded model's adapters SPEC's init (A Kaiming-uniform, B = 0) drawn as one process would.
 
@@ -408,13 +427,7 @@ def load_quantized_sharded(directory: Union[str, os.PathLike], mesh=None, *, dev
     if not has_saved_adapters:
         add_adapters(model, rank=16 if rank is None else rank, alpha=alpha, dropout=dropout)
         wrapped = {n for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
-    # Non-persistent buffers rebuilt on the CPU (rotary inv_freq) survive to_empty.
-    kept = {}
-    for mname, m in model.named_modules():
-        for bname, b in m._buffers.items():
-            if b is not None and not b.is_meta:
-                kept[(mname, bname)] = b
-    kept_keys = {f"{m}.{b}" if m else b for (m, b) in kept}
+    kept_keys = {n for n, b in model.named_buffers() if not b.is_meta}
     _check_ties(model, tied, directory)
     device = torch.device(device)
     if mesh is None:
@@ -422,9 +435,7 @@ def load_quantized_sharded(directory: Union[str, os.PathLike], mesh=None, *, dev
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     shard_model(model, mesh, reshard_after_forward=reshard_after_forward, sync_module_states=False)
-    model.to_empty(device=device)
-    for (mname, bname), b in kept.items():
-        model.get_submodule(mname)._buffers[bname] = b.to(device)
+    materialize(model, device)
 
     files = [f for f in qc["files"] if f.endswith(".safetensors")]
     where: dict[str, str] = {}
