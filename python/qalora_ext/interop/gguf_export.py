@@ -38,8 +38,10 @@ What llama.cpp expects of a ``llama`` model, and how it is met here:
   tokens, token types, merges, special ids and chat template, and the name
   of the pre-tokenizer (the regex split before BPE) that llama.cpp knows.
 
-The file is written into a hidden temporary sibling and renamed over the
-target only when complete, so nothing half-written can ever be loaded.
+The file is written into a hidden temporary sibling (``.NAME.tmp-PID-HEX``)
+and renamed over the target only when complete, so nothing half-written can
+ever be loaded; the temporary file of an export that was killed (its PID
+gone) is removed by the next export to the same path.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint.files import fsync_dir, library_version
+from ..checkpoint.files import fsync_dir, library_version, remove_stale_leftovers
 from ..format import round_to_storage
 from ..nn import MERGE_WARN_FRACTION, QALoRALinear, QuantLinear
 from .gguf_q4_1 import Q4_1_BITS_PER_WEIGHT, Q4_1_BLOCK_BYTES, Q4_1_GROUP_SIZE, encode_q4_1
@@ -720,7 +722,9 @@ def _write_file(out_path: Path, tensors: list[_Tensor], hp: dict, tok: dict, nam
     """Write the file into a hidden temporary sibling, fsync it, and rename it over ``out_path``."""
     gguf = _gguf()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{secrets.token_hex(4)}"
+    # The PID in the name tells a later export whether the writer is gone (kill -9 runs no cleanup).
+    remove_stale_leftovers(out_path)
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     writer = gguf.GGUFWriter(tmp, hp["arch"])
     try:
         _write_metadata(writer, hp, tok, name, int(gguf.LlamaFileType.MOSTLY_Q4_1))
