@@ -7,6 +7,7 @@ are deterministic (SPEC), so anything short of identity is a bug.
 """
 
 import copy
+import hashlib
 import json
 import os
 import warnings
@@ -689,3 +690,15 @@ def test_adapter_config_entries_of_the_wrong_kind_are_named(tmp_path, bad):
     _, target, _, _ = _make(3, adapters=False)
     with pytest.raises(CheckpointError, match=want):
         qe.load_adapter(target, tmp_path / "ad", verify=False)
+
+
+def test_identical_saves_give_identical_bytes(tmp_path):
+    """safetensors lists metadata keys in hash-map order; our header is sorted, so saves are reproducible."""
+    _, model, _, _ = _make(3, adapters=True)
+    digests = set()
+    for i in range(8):
+        out = tmp_path / f"c{i}"
+        qe.save_quantized(model, out)
+        digests.add(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+                    + hashlib.sha256((out / "config.json").read_bytes()).hexdigest())
+    assert len(digests) == 1

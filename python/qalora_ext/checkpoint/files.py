@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import stat
+import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -198,8 +199,37 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optiona
         if t.numel():
             storages.add(ptr)
         out[k] = t
-    save_file(out, str(path), metadata={**_SAFETENSORS_METADATA, **(metadata or {})})
+    meta = {**_SAFETENSORS_METADATA, **(metadata or {})}
+    save_file(out, str(path), metadata=meta)
+    if len(meta) > 1:
+        _sort_header_metadata(path, meta)
     return hash_file(path, fsync=True)
+
+
+def _sort_header_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Rewrite the header's ``__metadata__`` object with its keys sorted, in place.
+
+    safetensors keeps metadata in a hash map, so a file with two or more
+    metadata keys lists them in an order that changes from process to process,
+    and two identical saves would differ byte for byte (and by sha256). The
+    sorted object has exactly the same length, so only those bytes change.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = f.read(n)
+        start = header.find(b'"__metadata__":')
+        if start < 0:
+            return
+        start += len(b'"__metadata__":')
+        width = len(json.dumps(meta, separators=(",", ":")).encode())
+        current = header[start:start + width]
+        try:
+            if json.loads(current) != meta:
+                return  # not the layout this expects; leave the file as written
+        except ValueError:
+            return
+        f.seek(8 + start)
+        f.write(json.dumps(dict(sorted(meta.items())), separators=(",", ":")).encode())
 
 
 def verify_files(directory: Path, files: Any, verify_hash: bool) -> None:

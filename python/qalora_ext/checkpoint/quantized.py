@@ -29,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -238,9 +237,8 @@ def save_quantized(model: nn.Module, directory: PathLike, max_shard_size: Union[
     return _save(model, directory, max_shard_size)
 
 
-def _save(model: nn.Module, directory: PathLike, max_shard_size: Union[int, str],
-          staged: Optional[Path] = None) -> Path:
-    """save_quantized, plus the files of ``staged`` (a tokenizer) written into the same atomic directory."""
+def _save(model: nn.Module, directory: PathLike, max_shard_size: Union[int, str], tokenizer=None) -> Path:
+    """save_quantized, plus ``tokenizer.save_pretrained`` written into the same atomic directory."""
     limit = parse_size(max_shard_size)
     modules, tied_modules = quantized_modules(model)
     if not modules:
@@ -255,23 +253,35 @@ def _save(model: nn.Module, directory: PathLike, max_shard_size: Union[int, str]
     tensors, tied = _unique_state(model)
     qconfig = _quantization_config(entries, tied, tied_modules)
     model_config = model_config_dict(model)
-    staged_names = set(os.listdir(staged)) if staged is not None else set()
-
-    def own(name: str) -> bool:
-        return _own_model_file(name) or name in staged_names
-
-    with atomic_directory(directory, own) as tmp:
-        for name in sorted(staged_names):
-            src = staged / name
-            if src.is_dir():
-                shutil.copytree(src, tmp / name, symlinks=True)
-            else:
-                shutil.copy2(src, tmp / name)
+    with atomic_directory(directory, _own_model_file) as tmp:
+        if tokenizer is not None:
+            _write_tokenizer(tokenizer, tmp)
         qconfig["files"] = _write_shards(tensors, plan_shards(tensors, limit), tmp, _layer_metadata(entries))
         config = dict(model_config) if model_config is not None else {}
         config["quantization_config"] = qconfig
         write_json(tmp / CONFIG_NAME, config)  # last: its presence marks a complete checkpoint
     return Path(os.path.realpath(os.fspath(directory)))
+
+
+def _write_tokenizer(tokenizer, tmp: Path) -> None:
+    """The tokenizer's files into the atomic directory ``tmp``, replacing those carried over from the old folder.
+
+    Carried-over files are hard links to the old folder's: writing into them
+    would change the old version in place. So the tokenizer is saved into a
+    fresh subfolder of ``tmp`` (removed with it if the save dies) and its files
+    are renamed over the links.
+    """
+    staging = tmp / ".qalora-tokenizer"
+    staging.mkdir()
+    tokenizer.save_pretrained(os.fspath(staging))
+    for name in sorted(os.listdir(staging)):
+        dst = tmp / name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif os.path.lexists(dst):
+            dst.unlink()
+        os.rename(staging / name, dst)
+    staging.rmdir()
 
 
 def _quantization_config(entries: dict, tied: dict, tied_modules: dict) -> dict:
@@ -590,8 +600,4 @@ def save_model(model: nn.Module, tokenizer, out: PathLike, max_shard_size: Union
     replacement: an interrupted save leaves the previous folder as it was
     (old tokenizer beside old weights) or the new one, never a mix.
     """
-    if tokenizer is None:
-        return save_quantized(model, out, max_shard_size)
-    with tempfile.TemporaryDirectory(prefix="qalora-tokenizer-") as staging:
-        tokenizer.save_pretrained(staging)
-        return _save(model, out, max_shard_size, staged=Path(staging))
+    return _save(model, out, max_shard_size, tokenizer=tokenizer)
