@@ -10,12 +10,16 @@
 //
 // Sanitizers: fiber switches are announced to AddressSanitizer
 // (start/finish_switch_fiber) and ThreadSanitizer (one TSan fiber per CUDA
-// thread, switched without synchronisation). Under TSan the only
-// happens-before edges between CUDA threads are the barriers (a release by
-// every arriving thread, an acquire by every leaving one, on an object of
-// that phase), so a shared-memory access pair not ordered by a barrier is
-// reported as the race it is on a GPU. The scheduler's own bookkeeping runs
-// with TSan's checks off.
+// thread). The scheduler hands its state to a fiber with a synchronising
+// switch, but a fiber returns to the scheduler without one, so the
+// scheduler's clock never carries one CUDA thread's accesses to another:
+// under TSan the only happens-before edges between CUDA threads are the
+// barriers (a release by every arriving thread, an acquire by every leaving
+// one, on an object of that phase), and a shared-memory access pair not
+// ordered by a barrier is reported as the race it is on a GPU. The
+// scheduler acquires each thread's accesses when the block has ended. Its
+// bookkeeping inside fibers (warp slots, shared-array registry) runs with
+// TSan's checks off.
 #include <ucontext.h>
 
 #include <algorithm>
@@ -104,6 +108,7 @@ struct Fiber {
   std::vector<Copy> open;
   std::deque<std::vector<Copy>> groups;
   void* tsan_fiber = nullptr;
+  char done_sync = 0;  // TSan: released by the thread at each switch back to the scheduler
 };
 
 struct Warp {
@@ -156,13 +161,19 @@ struct Launch {
 thread_local Launch* tl_launch = nullptr;
 thread_local cudaError_t tl_last_error = cudaSuccess;
 thread_local std::string tl_last_message;
-thread_local std::vector<char*> tl_stacks;
+struct StackPool {  // fiber stacks, reused launch to launch, freed with the OS thread
+  std::vector<char*> stacks;
+  ~StackPool() {
+    for (char* p : stacks) std::free(p);
+  }
+};
+thread_local StackPool tl_stacks;
 
 void switch_to_fiber(Launch& L, Fiber& f) {
   L.current = &f;
   tl_ids = &f.ids;
 #ifdef QALORA_EMU_TSAN
-  __tsan_switch_to_fiber(f.tsan_fiber, 1 /* no synchronisation */);
+  __tsan_switch_to_fiber(f.tsan_fiber, 0 /* synchronising: the scheduler's state */);
 #endif
 #ifdef QALORA_EMU_ASAN
   void* fake = nullptr;
@@ -178,15 +189,29 @@ void switch_to_fiber(Launch& L, Fiber& f) {
 
 // From a fiber back to the scheduler; returns when the scheduler resumes it.
 void yield_to_scheduler(Launch& L, bool finished = false) {
-  Fiber& f = *L.current;
+  Fiber* f;
+  void* main_tsan;
+  const void* main_bottom;
+  size_t main_size;
+  {
+    IgnoreTsan ig;  // reads of the scheduler's state
+    f = L.current;
+    main_tsan = L.main_tsan;
+    main_bottom = L.main_stack_bottom;
+    main_size = L.main_stack_size;
+  }
+  (void)main_tsan;
+  (void)main_bottom;
+  (void)main_size;
 #ifdef QALORA_EMU_TSAN
-  __tsan_switch_to_fiber(L.main_tsan, 1);
+  __tsan_release(&f->done_sync);  // acquired by the scheduler only, when the block has ended
+  __tsan_switch_to_fiber(main_tsan, 1 /* no synchronisation: see the top */);
 #endif
 #ifdef QALORA_EMU_ASAN
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(finished ? nullptr : &fake, L.main_stack_bottom, L.main_stack_size);
+  __sanitizer_start_switch_fiber(finished ? nullptr : &fake, main_bottom, main_size);
 #endif
-  swapcontext(&f.ctx, &L.main_ctx);
+  swapcontext(&f->ctx, &L.main_ctx);
 #ifdef QALORA_EMU_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -219,7 +244,12 @@ void fiber_main() {
 #ifdef QALORA_EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &L.main_stack_bottom, &L.main_stack_size);
 #endif
-  Fiber& f = *L.current;
+  Fiber* fp;
+  {
+    IgnoreTsan ig;
+    fp = L.current;
+  }
+  Fiber& f = *fp;
   (*L.body)();
   // A thread's outstanding copies land when it ends.
   for (const auto& g : f.groups) land(g);
@@ -333,7 +363,10 @@ void run_block(Launch& L, dim3 bid) {
     }
   }
 #ifdef QALORA_EMU_TSAN
-  for (int t = 0; t < nthreads; ++t) __tsan_destroy_fiber(L.fibers[t].tsan_fiber);
+  for (int t = 0; t < nthreads; ++t) {
+    __tsan_acquire(&L.fibers[t].done_sync);
+    __tsan_destroy_fiber(L.fibers[t].tsan_fiber);
+  }
 #endif
   for (auto& [p, n] : L.shared) ::operator delete(p, std::align_val_t{16});
   L.shared.clear();
@@ -366,6 +399,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t dynamic_smem, const std::func
                       "x" + std::to_string(block.y) + "x" + std::to_string(block.z) + ")";
     return tl_last_error;
   }
+  IgnoreTsan scheduler_is_not_a_cuda_thread;  // see below
   Launch L;
   L.grid = grid;
   L.block = block;
@@ -383,14 +417,17 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t dynamic_smem, const std::func
   }
   L.fibers = std::vector<Fiber>(nthreads);
   L.warps.resize((nthreads + 31) / 32);
-  while (tl_stacks.size() < nthreads) tl_stacks.push_back(static_cast<char*>(std::malloc(kStackBytes)));
-  for (uint64_t t = 0; t < nthreads; ++t) L.fibers[t].stack = tl_stacks[t];
+  while (tl_stacks.stacks.size() < nthreads) tl_stacks.stacks.push_back(static_cast<char*>(std::malloc(kStackBytes)));
+  for (uint64_t t = 0; t < nthreads; ++t) L.fibers[t].stack = tl_stacks.stacks[t];
   L.phase_sync.assign(1 << 12, 0);
 #ifdef QALORA_EMU_TSAN
   L.main_tsan = __tsan_get_current_fiber();
 #endif
   Launch* outer = tl_launch;
   tl_launch = &L;
+  // The scheduler's own accesses (fiber set-up, L.current, phases, freeing
+  // shared arrays) are not the kernel's: TSan ignores them on this thread
+  // (scheduler_is_not_a_cuda_thread, above).
   for (unsigned z = 0; z < grid.z && !L.failed; ++z)
     for (unsigned y = 0; y < grid.y && !L.failed; ++y)
       for (unsigned x = 0; x < grid.x && !L.failed; ++x) run_block(L, dim3(x, y, z));

@@ -4,7 +4,12 @@
 // (std::vector), so under AddressSanitizer a read past a row's padding or
 // past the last row is reported; under ThreadSanitizer a shared-memory race
 // between emulated threads is (scripts/ci_sanitizers.sh runs both).
-//   qalora_emu_selftest            all tests; exit status 0 when all pass
+//   qalora_emu_selftest              all tests; exit status 0 when all pass
+//   qalora_emu_selftest --no-racy    without the tests that remove a barrier on
+//                                    purpose (they race: TSan would report them)
+//   qalora_emu_selftest --race-demo  only one launch with a barrier removed: under
+//                                    TSan it must report a data race (the check
+//                                    that TSan sees the emulated threads' races)
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -171,12 +176,21 @@ __global__ void barrier_kernel(float* out) {
   out[t] = sh[(t + 37) % 128];
 }
 
+bool g_no_racy = false;
+
+void race_demo() {
+  std::vector<float> out(128);
+  qalora_emu::set_option("skip_barrier", std::string(__FILE__) + ":" + std::to_string(kBarrierLine));
+  QALORA_LAUNCH(1, 128, 0, nullptr, barrier_kernel)(out.data());
+}
+
 void test_barrier_and_poison() {
   std::vector<float> out(128);
   QALORA_LAUNCH(1, 128, 0, nullptr, barrier_kernel)(out.data());
   bool ok = true;
   for (int t = 0; t < 128; ++t) ok &= out[t] == static_cast<float>((t + 37) % 128);
   CHECK(ok, "barrier: every thread reads its neighbour's value");
+  if (g_no_racy) return;
   const std::string saved = qalora_emu::get_option("skip_barrier");
   for (const char* order : {"adversarial", "reverse", "shuffle", "forward"}) {
     qalora_emu::set_option("order", order);
@@ -379,7 +393,15 @@ void test_format(int64_t N, int64_t K, int bits, int G) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--race-demo") {
+      race_demo();
+      return 0;
+    }
+    if (a == "--no-racy") g_no_racy = true;
+  }
   test_mma(false);
   test_mma(true);
   test_shfl();
