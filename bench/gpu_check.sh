@@ -2,8 +2,11 @@
 # The GPU check, run from anywhere on a machine with an NVIDIA GPU, nvcc, cmake, ninja, pybind11,
 # scikit-build-core and a CUDA build of torch (no network needed):
 #
-#   bash bench/gpu_check.sh [build] [test] [bench] [quick] [train] [racecheck]   (default: build test bench)
+#   bash bench/gpu_check.sh [--dry-run] [build] [test] [bench] [quick] [train] [racecheck]   (default: build test bench)
 #
+# --dry-run (or GPU_CHECK_DRY_RUN=1): check the arguments and print every step's command instead of
+#            running it (no GPU, no build): tests/test_gpu_check_script.py runs it on every commit, so the
+#            script a lent GPU will run has been run before.
 # build:     the extension for this GPU's architecture (QALORA_CUDA_ARCHS overrides; H100/H200: 90),
 #            editable install, CMake build tree in build/gpu (a rerun reuses it); prints the build time,
 #            ptxas's registers / spills per kernel, and build_info() (must say cuda_kernels: True).
@@ -32,10 +35,15 @@ T_BUILD="${T_BUILD:-90}"; T_TEST="${T_TEST:-55}"; T_SAN="${T_SAN:-35}"; T_BENCH=
 T_QUICK="${T_QUICK:-60}"; T_TRAIN="${T_TRAIN:-120}"
 mkdir -p "$OUT" "$BUILD_DIR"
 
-stages=("$@")
+DRY="${GPU_CHECK_DRY_RUN:-0}"
+stages=()
+for a in "$@"; do
+  if [ "$a" = "--dry-run" ]; then DRY=1; else stages+=("$a"); fi
+done
 [ ${#stages[@]} -gt 0 ] || stages=(build test bench)
+ALL_STAGES="build test bench quick train racecheck"
 for s in "${stages[@]}"; do
-  case "$s" in build|test|bench|quick|racecheck) ;; *) echo "gpu_check: unknown stage '$s' (build, test, bench, quick, racecheck)"; exit 2 ;; esac
+  case " $ALL_STAGES " in *" $s "*) ;; *) echo "gpu_check: unknown stage '$s' (${ALL_STAGES// /, })"; exit 2 ;; esac
 done
 
 FAILED=()
@@ -53,6 +61,11 @@ stage_end() {
 run_step() {
   local name=$1 secs=$2 logf=$3 rc=0
   shift 3
+  if [ "$DRY" = 1 ]; then
+    echo "[dry-run] $name (limit ${secs} s, log $logf): $*"
+    : > "$logf"
+    return 0
+  fi
   set +e
   timeout -k 10 "$secs" "$@" >"$logf" 2>&1
   rc=$?
@@ -78,6 +91,8 @@ find_sanitizer() {
 
 # ---- what this machine is --------------------------------------------------------------------------------
 echo "gpu_check: stages ${stages[*]}; python $PY; out $OUT; $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+[ "$DRY" = 1 ] && echo "gpu_check: dry run: commands are printed, not run"
+if [ "$DRY" != 1 ]; then
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi -L: not available"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
 if command -v nvcc >/dev/null 2>&1; then nvcc --version | tail -n 2; else echo "nvcc: not on PATH"; fi
@@ -95,9 +110,12 @@ missing = [m for m in ("numpy", "safetensors", "tqdm", "pytest", "scikit_build_c
            if importlib.util.find_spec(m) is None]
 print("python packages missing:", ", ".join(missing) if missing else "none")
 EOF
+fi
 
 if [ -n "${QALORA_CUDA_ARCHS:-}" ]; then
   ARCHS="$QALORA_CUDA_ARCHS"
+elif [ "$DRY" = 1 ]; then
+  ARCHS=90
 else
   ARCHS="$("$PY" -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}{m}")' 2>/dev/null || echo 90)"
 fi
@@ -113,6 +131,11 @@ ops = ["quantize_rtn", "pack", "unpack", "dequantize", "qlinear", "qlinear_int8"
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"qalora::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print("CUDA kernels registered for every op")'
+
+import_check() {
+  if [ "$DRY" = 1 ]; then echo "[dry-run] import / build_info check"; return 0; fi
+  (cd /tmp && "$PY" -c "$IMPORT_CHECK")
+}
 
 for stage in "${stages[@]}"; do
   case "$stage" in
@@ -150,7 +173,7 @@ for stage in "${stages[@]}"; do
         build_ok=0
         tail -n 60 "$OUT/build.log"
       fi
-      if [ "$build_ok" = 1 ] && ! (cd /tmp && "$PY" -c "$IMPORT_CHECK"); then
+      if [ "$build_ok" = 1 ] && ! import_check; then
         build_ok=0
         fail "build: import / build_info check"
       fi
@@ -185,7 +208,7 @@ for stage in "${stages[@]}"; do
       ;;
     quick)
       stage_start quick
-      if ! (cd /tmp && "$PY" -c "$IMPORT_CHECK"); then fail "quick: import / build_info check"; fi
+      if ! import_check; then fail "quick: import / build_info check"; fi
       run_step "quick: 3 tests" "$T_QUICK" "$OUT/test_quick.log" \
         "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rfE \
         -k "build_exposes or sanitizer_small or cuda_graph_capture" || true
