@@ -4,11 +4,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <initializer_list>
 #include <optional>
+#include <vector>
 
 #include "qalora/format.h"
 
@@ -272,13 +274,49 @@ inline bool check_grad_input_args(const at::Tensor& grad_out, const at::Tensor& 
 
 // The adapter's part of grad_x, one value per (row, group) (SPEC "Backward"):
 // scaling/G * mask * ((gy B) A), float32 (M, L). gy: (M, N).
+// On the CPU the two small products are fixed-order loops (each output a
+// serial float32 sum, rows split over threads): a BLAS GEMM with M rows and
+// r columns splits its long contraction over threads, and its result then
+// depends on the thread count (SPEC: deterministic whatever the count).
 inline at::Tensor adapter_grad_per_group(const at::Tensor& gy, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                          const std::optional<at::Tensor>& pool_mask, double scaling,
                                          int64_t group_size) {
-  auto g = at::mm(at::mm(gy.to(at::kFloat), lora_B.to(at::kFloat)), lora_A.to(at::kFloat)) *
-           (scaling / static_cast<double>(group_size));
-  if (pool_mask) g = g * pool_mask->reshape({g.size(0), g.size(1)}).to(at::kFloat);
-  return g.contiguous();
+  const double factor = scaling / static_cast<double>(group_size);
+  if (!gy.is_cpu()) {
+    auto g = at::mm(at::mm(gy.to(at::kFloat), lora_B.to(at::kFloat)), lora_A.to(at::kFloat)) * factor;
+    if (pool_mask) g = g * pool_mask->reshape({g.size(0), g.size(1)}).to(at::kFloat);
+    return g.contiguous();
+  }
+  const auto y = gy.to(at::kFloat).contiguous();
+  const auto B = lora_B.to(at::kFloat).contiguous();  // (N, r)
+  const auto A = lora_A.to(at::kFloat).contiguous();  // (r, L)
+  const int64_t M = y.size(0), N = y.size(1), r = B.size(1), L = A.size(1);
+  at::Tensor mask;
+  if (pool_mask) mask = pool_mask->reshape({M, L}).to(at::kFloat).contiguous();
+  auto g = at::empty({M, L}, y.options());
+  const float* yp = y.data_ptr<float>();
+  const float* bp = B.data_ptr<float>();
+  const float* ap = A.data_ptr<float>();
+  const float* mp = pool_mask ? mask.data_ptr<float>() : nullptr;
+  float* gp = g.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> t(static_cast<size_t>(r));
+    for (int64_t m = m0; m < m1; ++m) {
+      std::fill(t.begin(), t.end(), 0.f);
+      for (int64_t n = 0; n < N; ++n) {  // t = gy[m] B, n in order
+        const float v = yp[m * N + n];
+        for (int64_t j = 0; j < r; ++j) t[j] += v * bp[n * r + j];
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        float s = 0.f;
+        for (int64_t j = 0; j < r; ++j) s += t[j] * ap[j * L + l];
+        float v = static_cast<float>(s * factor);
+        if (mp) v *= mp[m * L + l];
+        gp[m * L + l] = v;
+      }
+    }
+  });
+  return g;
 }
 
 }  // namespace qalora
