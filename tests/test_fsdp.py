@@ -122,7 +122,8 @@ def _rel(got: dict, want: dict) -> float:
 def test_two_ranks_equal_one_process_shard_memory_and_resume_after_kill(quantized_folder, tmp_path):
     root = quantized_folder
     common = ["--model", root / "q", "--fsdp", "--data", root / "data.txt", "--seq-len", SEQ, "--max-examples", 16,
-              "--steps", STEPS, "--batch-size", BATCH, "--save-every", 1, "--rank", RANK, "--alpha", ALPHA,
+              "--steps", STEPS, "--batch-size", BATCH, "--grad-accum", 2, "--save-every", 1, "--rank", RANK,
+              "--alpha", ALPHA,
               "--lr", LR, "--gradient-checkpointing"]
     output = _torchrun([0, *common, "--out", tmp_path / "full"])
 
@@ -141,7 +142,7 @@ def test_two_ranks_equal_one_process_shard_memory_and_resume_after_kill(quantize
     torch.manual_seed(0)
     qalora_ext.add_adapters(lm, rank=RANK, alpha=ALPHA, dropout=0.0)
     ds = data.load_training_data(str(root / "data.txt"), tok, SEQ, max_examples=16)
-    single = finetune(lm, ds, steps=STEPS, batch_size=2 * BATCH, lr=LR, progress=False)
+    single = finetune(lm, ds, steps=STEPS, batch_size=2 * BATCH, grad_accum=2, lr=LR, progress=False)
     want = _adapters(lm)
     full_state = json.loads((tmp_path / "full" / "checkpoint-000003" / "trainer_state.json").read_text())
     assert single.losses == pytest.approx(full_state["losses"], rel=1e-5)
