@@ -257,3 +257,32 @@ def test_cli_fsdp_refuses_a_float_model(quantized_folder, tmp_path, capsys):
     assert main(["finetune", "--fsdp", "--model", str(root / "float"), "--out", str(tmp_path / "o"),
                  "--steps", "1"]) == 2
     assert "quantize it first" in capsys.readouterr().err
+
+
+def test_sharded_load_matches_load_quantized_with_saved_adapters(quantized_folder, one_rank_group, tmp_path):
+    """load_quantized_sharded (meta build, rows read per rank) gives load_quantized's model: a folder saved with
+    trained adapters (tied embeddings) loads them; a folder without gets the seeded init of add_adapters."""
+    root = quantized_folder
+    lm, tok, _ = loading.load_model(root / "q")
+    torch.manual_seed(3)
+    qalora_ext.add_adapters(lm, rank=RANK, alpha=ALPHA)
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    save_model(lm, tok, tmp_path / "with_adapters")
+    ids = torch.randint(0, 300, (2, 12))
+
+    ref = qalora_ext.load_quantized(tmp_path / "with_adapters")
+    sharded = qfsdp.load_quantized_sharded(tmp_path / "with_adapters")
+    assert qfsdp.is_sharded(sharded)
+    with qfsdp.full_adapters(sharded):
+        assert _rel(_adapters(sharded), _adapters(ref)) == 0
+    torch.testing.assert_close(sharded.eval()(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+
+    fresh = qfsdp.load_quantized_sharded(root / "q", rank=RANK, alpha=ALPHA, seed=5)
+    plain = qalora_ext.load_quantized(root / "q")
+    torch.manual_seed(5)
+    qalora_ext.add_adapters(plain, rank=RANK, alpha=ALPHA)
+    with qfsdp.full_adapters(fresh):
+        assert _rel(_adapters(fresh), _adapters(plain)) == 0
