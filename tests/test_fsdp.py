@@ -35,7 +35,7 @@ from tiny_llm import save_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STEPS, BATCH, RANK, ALPHA, LR, SEQ = 3, 2, 4, 8, 1e-2, 32
+STEPS, BATCH, RANK, ALPHA, LR, SEQ = 3, 2, 4, 8, 1e-3, 32
 
 
 def _free_port():
@@ -146,6 +146,8 @@ def test_two_ranks_equal_one_process_shard_memory_and_resume_after_kill(quantize
     ds = data.load_training_data(str(root / "data.txt"), tok, SEQ, max_examples=16)
     single = finetune(lm, ds, steps=STEPS, batch_size=2 * BATCH, grad_accum=2, lr=LR, progress=False)
     want = _adapters(lm)
+    # (lr 1e-3: Adam moves a coordinate whose gradient is a near-cancelled sum by a share of lr on summation-order
+    # noise alone; at 1e-2 that reached 1.2e-5 of the adapters' norm on some random bases.)
     full_state = json.loads((tmp_path / "full" / "checkpoint-000003" / "trainer_state.json").read_text())
     assert single.losses == pytest.approx(full_state["losses"], rel=1e-5)
 
@@ -153,7 +155,9 @@ def test_two_ranks_equal_one_process_shard_memory_and_resume_after_kill(quantize
     for folder in (tmp_path / "full", tmp_path / "full" / "checkpoint-000003"):
         other, _, _ = loading.load_model(root / "q")
         load_adapter(other, folder)
-        assert _rel(_adapters(other), want) <= 1e-5
+        rel = _rel(_adapters(other), want)
+        print(f"FSDP2 vs one process: relative difference of the adapters {rel:.2e}")
+        assert rel <= 1e-5
 
     # Killed right after the step-2 checkpoint, then resumed: exactly the uninterrupted run.
     _torchrun([2, *common, "--out", tmp_path / "split"], expect_ok=False)
