@@ -110,11 +110,9 @@ HERE = Path(__file__).resolve().parent
 
 # Inside a finetune --out: partial checkpoints that the next run removes (training/finetune.py's _PARTIAL_RE).
 _FT_PARTIAL = re.compile(r"^\.\.?checkpoint-\d+\.partial-")
-# ... and the loss plot's temporary file, which it does not remove (test_finetune_removes_a_killed_runs_plot).
+# ... and the loss plot's temporary file of a run killed inside savefig, which the next run removes too
+# (it once stayed and was carried into the saved model: test_finetune_removes_a_killed_runs_plot).
 _FT_PLOT_PARTIAL = re.compile(r"^\.loss\.png\.partial-\d+\.png$")
-PLOT_LEAK = ("known leak: a finetune killed while it draws loss.png leaves .loss.png.partial-PID.png in --out; "
-             "the next run does not remove it (training/finetune.py _remove_partials only removes checkpoint "
-             "partials) and its final save_model carries it into the new folder")
 
 
 # ---------------------------------------------------------------------------
@@ -672,11 +670,10 @@ def test_killed_writer_leaves_old_or_new(world, writer, request):
             again = server.run(new_code)
             ok(again, "the run after the kill")
             after = snapshot(dest)
-            if writer.name == "cli_finetune":  # tolerated here, asserted (xfail) in its own test: PLOT_LEAK
-                plot_leaks += sum(1 for rel in after or {} if _FT_PLOT_PARTIAL.match(rel))
-                after = {rel: rec for rel, rec in (after or {}).items() if not _FT_PLOT_PARTIAL.match(rel)}
-                for rel in [r for r in os.listdir(dest) if _FT_PLOT_PARTIAL.match(r)]:
-                    os.unlink(dest / rel)
+            if writer.name == "cli_finetune":
+                leaked = [rel for rel in after or {} if _FT_PLOT_PARTIAL.match(rel)]
+                plot_leaks += len(leaked)
+                assert not leaked, f"the run after the kill kept a killed run's plot: {leaked}"
             assert after == new_snap, f"the run after the kill left:\n{diff(new_snap, after)}"
             read(dest)
             assert outside() == baseline, f"something next to the destination changed:\n{diff(baseline, outside())}"
@@ -709,7 +706,6 @@ def test_killed_writer_leaves_old_or_new(world, writer, request):
             f.write(json.dumps({**summary, "records": records}) + "\n")
 
 
-@pytest.mark.xfail(strict=True, reason=PLOT_LEAK)
 def test_finetune_removes_a_killed_runs_plot(world):
     """Deterministic form of the plot leak the kills find now and then (about 1 kill in 20 of finetune)."""
     server: Server = world["server"]

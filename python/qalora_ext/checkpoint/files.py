@@ -46,6 +46,7 @@ __all__ = [
     "missing_dir_hint",
     "atomic_directory",
     "remove_stale_leftovers",
+    "pid_alive",
 ]
 
 _SAFETENSORS_METADATA = {"format": "pt"}
@@ -317,7 +318,8 @@ def _unique_sibling(target: Path, tag: str, create: bool) -> Path:
 _LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a writer that is gone left its files behind)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -344,7 +346,7 @@ def remove_stale_leftovers(target: Path) -> list[Path]:
         return removed
     for entry in entries:
         m = _LEFTOVER_RE.match(entry.name)
-        if m is None or m.group("name") != target.name or _pid_alive(int(m.group("pid"))):
+        if m is None or m.group("name") != target.name or pid_alive(int(m.group("pid"))):
             continue
         if m.group("tag") == "old" and not os.path.lexists(target):
             continue

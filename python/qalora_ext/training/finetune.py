@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import ADAPTER_CONFIG_NAME, load_adapter, save_adapter
-from ..checkpoint.files import fsync_dir
+from ..checkpoint.files import fsync_dir, pid_alive
 from ..model import model_device
 from .data import IGNORE_INDEX
 
@@ -52,6 +52,8 @@ KEEP_CHECKPOINTS = 2
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # Temporary directories of an interrupted save: ours, and save_adapter's inside them.
 _PARTIAL_RE = re.compile(rf"^\.\.?{CHECKPOINT_PREFIX}\d+\.partial-")
+# A loss plot being drawn (_plot_losses): the writer's PID, so only a dead run's is removed.
+_PARTIAL_PLOT_RE = re.compile(rf"^\.{re.escape(LOSS_PLOT_NAME)}\.partial-(\d+)\.png$")
 
 PathLike = Union[str, os.PathLike]
 
@@ -233,9 +235,14 @@ def _save_checkpoint(output_dir: Path, step: int, model: nn.Module, state: dict)
 
 
 def _remove_partials(output_dir: Path) -> None:
+    """Remove what a killed run left: half-written checkpoints, and loss plots whose writer is gone."""
     for entry in output_dir.iterdir():
         if _PARTIAL_RE.match(entry.name) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
+        m = _PARTIAL_PLOT_RE.match(entry.name)
+        if m and not pid_alive(int(m.group(1))) and entry.is_file():
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def _plot_losses(losses: list[float], path: Path) -> Path:
@@ -350,7 +357,7 @@ def finetune(
 
     ``dataset``: a map-style dataset of dicts with ``input_ids`` and
     optionally ``labels`` (``-100`` = no loss) and ``attention_mask``, all of
-    one length (see :mod:`qalora_ext.data`). Without labels the loss is on
+    one length (see :mod:`qalora_ext.training.data`). Without labels the loss is on
     every non-padding token. The loss is the float32 next-token NLL computed
     from ``model(...).logits``, averaged over all predicted tokens of an
     optimizer step (all micro-batches and ranks).
