@@ -2,5 +2,6 @@
 
 ``data``      the default corpus and its split, text / JSONL datasets,
               held-out windows and perplexity
-``finetune``  the training loop: resumable checkpoints, DDP, loss plot
+``finetune``  the training loop: resumable checkpoints, DDP or FSDP2, loss plot
+``fsdp``      FSDP2 for quantized models: packed state sharded by rows, per-rank loading
 """
