@@ -867,3 +867,27 @@ def test_emulation_selftest_driver():
         pytest.skip(f"{exe} not built")
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@emulated_only
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_every_path_cpu_and_emulated_meets_one_tolerance(dtype, path_limits):
+    """One epilogue (qalora/epilogue.h: bias, then adapter, rounded once) on every path: the CPU kernels (small
+    and large M) and every emulated CUDA path (GEMV, split-K GEMV, tensor cores, dequantize + GEMM) agree with the
+    float64 reference within the same tolerance, with bias and adapter."""
+    n, k, g = 72, 512, 64
+    packed, scale, zero, W = layer(n, k, 4, g)
+    for m in (4, 80):
+        x = torch.randn(m, k).to(dtype)
+        bias, A, B, mask = extras("full", (m,), n, k // g)
+        ref = reference.qlinear(x, W, bias, A, B, mask, 1.5, g)
+        t = tol(dtype, k, m * n)
+        y_cpu = ops.qlinear(x, packed, scale, zero, bias, A, B, mask, 1.5, bits=4, group_size=g)
+        assert rel_err(y_cpu, ref, x, W, k) <= t, "CPU"
+        limits = [(GEMV, 0), (0, 1 << 20), (0, 0)] if dtype != torch.float32 else [(GEMV, 0), (0, 0)]
+        for lim in limits:
+            path_limits(*lim)
+            if m > lim[0] and lim == (GEMV, 0) and m > GEMV:
+                continue  # M above the GEMV's reach: the (0, 0) case covers dequantize + GEMM
+            y = KERNELS.qlinear(x, packed, scale, zero, bias, A, B, mask, 1.5, bits=4, group_size=g)
+            assert rel_err(y, ref, x, W, k) <= t, lim

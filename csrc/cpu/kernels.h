@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "qalora/epilogue.h"
 #include "qalora/format.h"
 
 namespace qalora {

@@ -200,10 +200,8 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
       for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(ps[m], sv, acc[m]);
     }
     for (int m = 0; m < MT; ++m) {
-      float v = hsum(acc[m]) + dot_f32(zbuf, group_sums + m * L, L);
-      if (bias) v += bias[n];
-      if (u) v += dot_f32(u + m * rank, B + n * rank, rank);
-      y[m * ldy + n] = v;
+      const float v = hsum(acc[m]) + dot_f32(zbuf, group_sums + m * L, L);
+      y[m * ldy + n] = epilogue(v, bias, n, u ? u + m * rank : nullptr, B + n * rank, rank);
     }
   }
 }

@@ -228,10 +228,8 @@ void gemv_rows_t(const PackedView& w, const float* xp, int64_t Kp, const float* 
       for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(ps[m], sv, acc[m]);
     }
     for (int m = 0; m < MT; ++m) {
-      float v = _mm512_reduce_add_ps(acc[m]) + dot_f32(zbuf, group_sums + m * L, L);
-      if (bias) v += bias[n];
-      if (u) v += dot_f32(u + m * rank, B + n * rank, rank);
-      y[m * ldy + n] = v;
+      const float v = _mm512_reduce_add_ps(acc[m]) + dot_f32(zbuf, group_sums + m * L, L);
+      y[m * ldy + n] = epilogue(v, bias, n, u ? u + m * rank : nullptr, B + n * rank, rank);
     }
   }
 }
@@ -279,10 +277,8 @@ void gemv_rows_m1(const PackedView& w, const float* xp, int64_t Kp, const float*
   }
   for (int r = 0; r < NR; ++r) {
     const int64_t n = n0 + r;
-    float v = _mm512_reduce_add_ps(acc[r]) + dot_f32(zbuf[r], group_sums, L);
-    if (bias) v += bias[n];
-    if (u) v += dot_f32(u, B + n * rank, rank);
-    y[n] = v;
+    const float v = _mm512_reduce_add_ps(acc[r]) + dot_f32(zbuf[r], group_sums, L);
+    y[n] = epilogue(v, bias, n, u, B + n * rank, rank);
   }
 }
 
@@ -314,10 +310,8 @@ inline void finish_row_i8(const __m512* acc, int MT, const float* zbuf, const fl
                           const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t ldy,
                           int64_t n) {
   for (int m = 0; m < MT; ++m) {
-    float v = _mm512_reduce_add_ps(acc[m]) + dot_f32(zbuf, group_sums + m * L, L);
-    if (bias) v += bias[n];
-    if (u) v += dot_f32(u + m * rank, B + n * rank, rank);
-    y[m * ldy + n] = v;
+    const float v = _mm512_reduce_add_ps(acc[m]) + dot_f32(zbuf, group_sums + m * L, L);
+    y[m * ldy + n] = epilogue(v, bias, n, u ? u + m * rank : nullptr, B + n * rank, rank);
   }
 }
 

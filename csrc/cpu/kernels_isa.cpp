@@ -198,14 +198,10 @@ void forward_rows_t(const PackedView& w, const float* x, int64_t M, const float*
       forward_rows_single<BITS>(w, x, M, group_sums, out, n);
     }
     // Epilogue: bias and the adapter's u @ B^T for these rows.
-    for (int r = 0; r < rows; ++r) {
-      const float b = bias ? bias[n + r] : 0.f;
-      for (int64_t m = 0; m < M; ++m) {
-        float v = out[m * rows + r] + b;
-        if (u) v += dot(u + m * rank, B + (n + r) * rank, static_cast<int>(rank));
-        y[m * N + n + r] = v;
-      }
-    }
+    for (int r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < M; ++m)
+        y[m * N + n + r] =
+            epilogue(out[m * rows + r], bias, n + r, u ? u + m * rank : nullptr, B + (n + r) * rank, rank);
     n += rows;
   }
 }
@@ -297,12 +293,8 @@ void forward_rows_i8_t(const PackedView& w, const int8_t* xq, const float* dx, i
         y[m * w.N + n] += s * dx[m * L + g] * static_cast<float>(acc) + z * group_sums[m * L + g];
       }
     }
-    for (int64_t m = 0; m < M; ++m) {
-      float v = y[m * w.N + n];
-      if (bias) v += bias[n];
-      if (u) v += dot(u + m * rank, B + n * rank, static_cast<int>(rank));
-      y[m * w.N + n] = v;
-    }
+    for (int64_t m = 0; m < M; ++m)
+      y[m * w.N + n] = epilogue(y[m * w.N + n], bias, n, u ? u + m * rank : nullptr, B + n * rank, rank);
   }
 }
 

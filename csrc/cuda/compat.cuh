@@ -1,7 +1,7 @@
 // The three constructs of csrc/cuda/ that cannot be plain shared C++, each
 // with a device body (nvcc) and an emulated body (QALORA_CUDA_EMULATION: the
 // same sources compiled as host C++ against csrc/emulation/, see
-// docs/ARCHITECTURE.md "CUDA emulation"):
+// emulation/device.h and README "Development"):
 //   QALORA_LAUNCH(grid, block, smem, stream, kernel)(args...)   kernel<<<...>>>(args...)
 //   QALORA_SHARED(align, type, name, dims);                     __shared__ __align__(align) type name dims;
 //   QALORA_SM80                                                 1 where mma.sync / cp.async exist

@@ -5,6 +5,7 @@
 
 #include "cuda/device_helpers.cuh"
 #include "cuda/launchers.cuh"
+#include "qalora/rtn.h"
 
 namespace qalora {
 namespace cuda {
@@ -47,7 +48,7 @@ __global__ void pack_kernel(const uint8_t* __restrict__ codes, int64_t N, int64_
   pack_chunk(codes + n * K + c * kChunk, bits, packed + n * stride_words + c * bits);
 }
 
-// The CPU's quantize_rtn_rows, one thread per (row, group).
+// RTN (qalora/rtn.h, the CPU kernel's code), one thread per (row, group).
 __global__ void quantize_rtn_kernel(const float* __restrict__ w, int64_t N, int64_t K, int bits, int group_size,
                                     void* scale, FloatType scale_type, void* zero, FloatType zero_type,
                                     uint32_t* __restrict__ packed, int64_t stride_words) {
@@ -55,29 +56,11 @@ __global__ void quantize_rtn_kernel(const float* __restrict__ w, int64_t N, int6
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= N * L) return;
   const int64_t n = i / L, g = i % L;
-  const float* v = w + n * K + g * group_size;
-  const float qmax = static_cast<float>((1 << bits) - 1);
-  float lo = v[0], hi = v[0];
-  for (int j = 1; j < group_size; ++j) {
-    lo = v[j] < lo ? v[j] : lo;
-    hi = v[j] > hi ? v[j] : hi;
-  }
-  const float s = round_to_store(__fdiv_rn(hi - lo, qmax), scale_type);
-  const float z = round_to_store(lo, zero_type);
+  float s, z;
+  rtn_group(w + n * K + g * group_size, group_size, bits, scale_type, zero_type, &s, &z,
+            packed + n * stride_words + g * (group_size / kChunk) * bits);
   write_store(scale, n * L + g, scale_type, s);
   write_store(zero, n * L + g, zero_type, z);
-  uint8_t codes[kChunk];
-  for (int c = 0; c < group_size / kChunk; ++c) {
-    for (int j = 0; j < kChunk; ++j) {
-      float q = 0.f;
-      if (s != 0.f) {
-        q = rintf(__fdiv_rn(__fsub_rn(v[c * kChunk + j], z), s));  // half to even, as std::nearbyint
-        q = q < 0.f ? 0.f : (q > qmax ? qmax : q);
-      }
-      codes[j] = static_cast<uint8_t>(q);
-    }
-    pack_chunk(codes, bits, packed + n * stride_words + (g * (group_size / kChunk) + c) * bits);
-  }
 }
 
 }  // namespace

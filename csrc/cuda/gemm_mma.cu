@@ -36,6 +36,7 @@
 
 #include "cuda/launchers.cuh"
 #include "cuda/mma_sm80.cuh"
+#include "qalora/epilogue.h"
 
 namespace qalora {
 namespace cuda {
@@ -218,14 +219,11 @@ __global__ void __launch_bounds__(kThreads, 3)
         const int64_t m = m0 + mt * 16 + gid + 8 * (i >> 1);
         const int64_t n = n0 + warp * 16 + nt * 8 + tig * 2 + (i & 1);
         if (m >= M || n >= N) continue;
-        float v = tot[mt][nt][i];
+        const float v = tot[mt][nt][i];
         if (partial) {
           partial[(static_cast<int64_t>(blockIdx.z) * M + m) * N + n] = v;
         } else {
-          if (u)
-            for (int64_t r = 0; r < rank; ++r) v = fmaf(u[m * rank + r], B[n * rank + r], v);
-          if (bias) v += bias[n];
-          y[m * N + n] = Mma<T>::out(v);
+          y[m * N + n] = Mma<T>::out(epilogue(v, bias, n, u ? u + m * rank : nullptr, B + n * rank, rank));
         }
       }
   }

@@ -6,6 +6,7 @@
 
 #include "cuda/device_helpers.cuh"
 #include "cuda/launchers.cuh"
+#include "qalora/epilogue.h"
 
 namespace qalora {
 namespace cuda {
@@ -95,13 +96,9 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp)
       const float v = warp_sum(acc[m]);
       if (partial) {
         if (lane == 0) partial[(static_cast<int64_t>(blockIdx.y) * M + m) * w.N + n] = v;
-      } else {
-        // Epilogue: bias and the adapter, lanes splitting the rank.
-        float a = 0.f;
-        if (u)
-          for (int64_t r = lane; r < rank; r += kWarp) a += u[m * rank + r] * B[n * rank + r];
-        a = warp_sum(a);
-        if (lane == 0) y[m * w.N + n] = from_f32<T>(v + a + (bias ? bias[n] : 0.f));
+      } else if (lane == 0) {
+        // The one epilogue (qalora/epilogue.h): bias, then the adapter; rounded once.
+        y[m * w.N + n] = from_f32<T>(epilogue(v, bias, n, u ? u + m * rank : nullptr, B + n * rank, rank));
       }
     }
   }
@@ -117,10 +114,7 @@ __global__ void split_reduce_kernel(const float* __restrict__ partial, int split
   const int64_t m = i / N, n = i % N;
   float v = 0.f;
   for (int s = 0; s < splits; ++s) v += partial[s * M * N + i];
-  if (u)
-    for (int64_t r = 0; r < rank; ++r) v += u[m * rank + r] * B[n * rank + r];
-  if (bias) v += bias[n];
-  y[i] = from_f32<T>(v);
+  y[i] = from_f32<T>(epilogue(v, bias, n, u ? u + m * rank : nullptr, B + n * rank, rank));
 }
 
 }  // namespace

@@ -289,12 +289,12 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
   } else {
     // Large M: dequantize into a buffer of x's dtype (the caching allocator
     // reuses it call to call), the GEMM with float32 output, then the
-    // epilogue in float32 (adapter, then bias, as the kernels add them) and
-    // one rounding to x's dtype (SPEC).
+    // epilogue in float32 (bias, then the adapter, the order of
+    // qalora/epilogue.h) and one rounding to x's dtype (SPEC).
     auto wdq = dequantize_to(w, x2.scalar_type(), x2.options());
     auto y32 = gemm_f32(x2, wdq.t());
-    if (adapter) y32.add_(at::mm(u, B.t()));
     if (bias) y32.add_(b);
+    if (adapter) y32.add_(at::mm(u, B.t()));
     y = y32.to(x2.scalar_type());
   }
   return y.reshape(out_shape);
