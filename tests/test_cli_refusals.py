@@ -15,18 +15,8 @@ from qalora_ext import cli  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tiny_llm import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
-
-
-@pytest.fixture(scope="module")
-def quantized_dir(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "int4"
-    assert cli.main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
-    return out
+# The tiny float model and its INT4 G32 quantization, as test_cli.py builds them.
+from test_cli import quantized_dir, tiny_dir  # noqa: E402,F401  (pytest fixtures)
 
 
 def _snapshot(folder: Path) -> dict:

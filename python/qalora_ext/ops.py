@@ -311,8 +311,7 @@ def packed_linear(
     else:
         y = op(xk, packed, scale, zero, bias, adapter.lora_A, adapter.lora_B, adapter.pool_mask,
                float(adapter.scaling), bits, group_size, layout)
-    autocast = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
-    if xk is not x and not autocast:
+    if xk is not x and not (x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)):
         y = y.to(x.dtype)
     return y
 
