@@ -3,8 +3,9 @@
 Default: SmolLM2-135M-Instruct, INT3 with groups of 32 (at INT4 G32 the
 quantized model IS the source: its projections come from GGUF Q4_1, which is
 that format), RTN base, 40 steps of QA-LoRA on the training part of Python's
-documentation, merged into the zeros, saved, reloaded from disk, evaluated on
-the held-out part and asked a question.
+documentation (under bfloat16 autocast when the CPU has bfloat16 units: see
+:mod:`qalora_ext.training.precision`), merged into the zeros, saved, reloaded
+from disk, evaluated on the held-out part and asked a question.
 
 :func:`run_demo` takes plain arguments, prints as it goes and returns a
 :class:`DemoResult`.
@@ -19,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -80,16 +81,21 @@ def run_demo(model: Optional[str] = None, *, bits: int = 3, group_size: int = 32
              calib_samples: int = 128, calib_seq_len: int = 256, steps: int = 40, batch_size: int = 4,
              seq_len: int = 256, rank: int = 16, alpha: float = 16.0, lr: float = 1e-3, seed: int = 0,
              windows: int = 8, window: int = 512, prompt: str = DEFAULT_PROMPT,
-             out: str = "runs/demo") -> DemoResult:
+             out: str = "runs/demo", autocast: Union[str, torch.dtype, None] = "auto") -> DemoResult:
     """Quantize ``model`` (default SmolLM2), fine-tune QA-LoRA adapters, merge, save, reload, evaluate, generate.
 
     Prints each phase with its time and a summary at the end; perplexities
     are measured on ``windows`` windows of ``window`` tokens of the held-out
     part of Python's pydoc topics (the adapters train on the rest).
+    ``autocast``: the fine-tune's precision, ``"auto"`` (bfloat16 autocast
+    when the CPU has bfloat16 units), ``"bf16"`` or ``"none"`` (float32); see
+    :func:`qalora_ext.training.precision.resolve_autocast`.
     """
     from . import generation, loading
     from .checkpoint import load_quantized
+    from .training.precision import resolve_autocast
 
+    amp = resolve_autocast(autocast, "cpu")  # a bad choice fails here, before minutes of work
     t_start = time.perf_counter()
     phases = Phases()
     _print_build()
@@ -102,7 +108,7 @@ def run_demo(model: Optional[str] = None, *, bits: int = 3, group_size: int = 32
                                     seed=seed)
     ppl_quant = _perplexity(phases, "quantized", "quantized", lm, tokenizer, heldout_text, eval_kw)
     losses = _finetune(phases, lm, tokenizer, steps=steps, batch_size=batch_size, seq_len=seq_len, rank=rank,
-                       alpha=alpha, lr=lr, seed=seed)
+                       alpha=alpha, lr=lr, seed=seed, autocast=amp)
     saved, lost = _merge_and_save(phases, lm, tokenizer, out)
     del lm
     gc.collect()
@@ -150,16 +156,17 @@ def _perplexity(phases: Phases, phase: str, short: str, lm, tokenizer, text: str
 
 
 def _finetune(phases: Phases, lm, tokenizer, *, steps: int, batch_size: int, seq_len: int, rank: int,
-              alpha: float, lr: float, seed: int) -> list:
+              alpha: float, lr: float, seed: int, autocast: Optional[torch.dtype]) -> list:
     from .model import add_adapters
     from .training import data, finetune
 
-    with phases(f"fine-tune ({steps} steps x {batch_size} x {seq_len} tokens)"):
+    precision = "bf16 autocast" if autocast == torch.bfloat16 else "float32"
+    with phases(f"fine-tune ({steps} steps x {batch_size} x {seq_len} tokens, {precision})"):
         torch.manual_seed(seed)
         add_adapters(lm, rank=rank, alpha=alpha)
         dataset = data.load_training_data(None, tokenizer, seq_len)
         result = finetune.finetune(lm, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                   output_dir=None, progress=True, loss_plot=False)
+                                   output_dir=None, progress=True, loss_plot=False, autocast=autocast)
     print(f"[qalora]   loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, "
           f"{result.tokens_per_second:.0f} tokens/s")
     return result.losses

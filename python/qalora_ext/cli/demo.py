@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..demo import DEFAULT_PROMPT, run_demo
+from ..training.precision import AUTOCAST_CHOICES
 from . import common
 
 NAME = "demo"
@@ -23,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=16, help="default 16")
     p.add_argument("--lr", type=float, default=1e-3, help="default 1e-3")
     p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto",
+                   help="fine-tune precision: bf16 autocast (adapters and optimizer state stay float32), none "
+                        "(float32), or auto (default): bf16 when the CPU has bf16 units (AVX512-BF16 or AMX)")
     # Half of `qalora eval`'s windows: the demo measures perplexity three times (source, quantized, merged) and
     # is meant to finish in minutes on a laptop CPU.
     common.add_eval_args(p, windows=8)
@@ -34,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
     common.refuse_overwriting_input(args.out, args.model)
     run_demo(args.model, **common.quant_options(args), steps=args.steps, batch_size=args.batch_size,
              seq_len=args.seq_len, rank=args.rank, alpha=args.alpha, lr=args.lr, seed=args.seed,
-             windows=args.windows, window=args.window, prompt=args.prompt, out=args.out)
+             windows=args.windows, window=args.window, prompt=args.prompt, out=args.out,
+             autocast=args.autocast)
     return 0

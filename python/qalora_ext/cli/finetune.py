@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..training.precision import AUTOCAST_CHOICES
 from . import common
 
 NAME = "finetune"
@@ -56,21 +57,20 @@ def _add_training_args(t) -> None:
                    help="under torchrun: shard the packed model, adapters and optimizer state over the ranks with "
                         "FSDP2 (each rank reads only its rows of a quantized --model folder); writes the adapter, "
                         "not the model, to --out")
-    t.add_argument("--autocast", choices=("none", "bf16"), default=None,
-                   help="bf16: forward under bfloat16 autocast (adapters stay float32); default bf16 on cuda, "
-                        "none on cpu")
+    t.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto",
+                   help="bf16: packed layers, attention and the head under bfloat16 autocast (adapters and "
+                        "optimizer state stay float32); none: the model's dtype (float32); auto (default): bf16 on "
+                        "cuda and on CPUs with bf16 units (AVX512-BF16 or AMX), else none")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..checkpoint.quantized import save_model
-    from ..training import data, finetune
+    from ..training import data, finetune, precision
 
     common.refuse_overwriting_input(args.out, args.model, args.data)
     _adapter_settings(args)
     device = training_device(args.device)
-    autocast = {"none": None, "bf16": torch.bfloat16}[args.autocast or ("bf16" if device.type == "cuda" else "none")]
+    autocast = precision.resolve_autocast(args.autocast, device)
     if args.fsdp:
         return _run_fsdp(args, device, autocast)
     lm, tokenizer = _training_model(args)
