@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/kernels.h"
 #include "checks.h"
 
@@ -84,4 +85,10 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       py::arg("name"), "Force the CPU kernels of one instruction set ('scalar', 'avx2', 'avx512', 'avx512vnni', 'neon', 'auto').");
+  m.def("cpu_bf16_gemm", []() { return std::string(qalora::cpu::bf16_gemm_status()); },
+        "The bf16 GEMM that bfloat16 activations use at large M ('onednn-brgemm-amx'), or 'off: <why>' "
+        "(then they run the float32 GEMM).");
+  m.def("set_cpu_bf16_gemm", &qalora::cpu::set_bf16_gemm_enabled, py::arg("enabled"),
+        "Allow (default, unless QALORA_CPU_BF16_GEMM=0) or forbid the bf16 GEMM for bfloat16 activations at large "
+        "M; forbidden, they run the float32 path.");
 }

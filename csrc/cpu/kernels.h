@@ -60,6 +60,25 @@ struct KernelTable {
   void (*forward_rows_i8)(const PackedView& w, const int8_t* xq_prepared, const float* dx, int64_t M,
                           const float* group_sums, const float* bias, const float* u, const float* B, int64_t rank,
                           float* y, int64_t n0, int64_t n1);
+
+  // ---- bfloat16 activations (bf16 values as uint16_t bit patterns) ----
+  // The operands of the large-M bf16 GEMM (cpu/bf16_gemm.h): W~ = scale * q + zero computed in float32, rounded
+  // once to bf16 (nearest even), written in pairs of 32-bit words (low half the first of the pair), the layout
+  // the bf16 dot-product units read (AMX / AVX512-BF16 "VNNI-2").
+  // Forward, B = W~^T for rows [n0, n1), pairs along k: nb = n1 - n0,
+  //   out[(k / 2) * nb + (n - n0)] = bf16(W~[n, k & ~1]) | bf16(W~[n, k | 1]) << 16.
+  void (*dequantize_bf16_kpairs)(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1);
+  // grad_input, B = W~ for rows [n0, n1) and the columns of groups [g0, g1), pairs along n: kb = (g1 - g0) * G,
+  //   out[((n - n0) / 2) * kb + (k - g0 * G)] = bf16(W~[n & ~1, k]) | bf16(W~[n | 1, k]) << 16 (relative to n0),
+  // an odd last row paired with zeros.
+  void (*dequantize_bf16_npairs)(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1, int64_t g0,
+                                 int64_t g1);
+  // Small M, bf16 x read in place (converted element by element inside the kernel): forward_rows and
+  // group_sums with x (M, K) in bfloat16.
+  void (*forward_rows_bf16)(const PackedView& w, const uint16_t* x, int64_t M, const float* group_sums,
+                            const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t n0,
+                            int64_t n1);
+  void (*group_sums_bf16)(const uint16_t* x, int64_t K, int64_t group_size, float* out, int64_t m0, int64_t m1);
 };
 
 // The largest M the gemv_rows kernels are used for.
@@ -90,6 +109,13 @@ void prepare_f32(const float* x, int64_t K, int bits, float* out);
 void gemv_rows(const PackedView& w, const float* x_prepared, int64_t M, const float* group_sums, const float* bias,
                const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1);
 }  // namespace avx2_decode
+#endif
+#if defined(QALORA_HAVE_AVX512)
+// The avx512 tables' bf16 GEMM operands (cpu/kernels_avx512_bf16.cpp, AVX-512F/BW).
+namespace avx512_bf16 {
+void dequantize_bf16_kpairs(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1);
+void dequantize_bf16_npairs(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1, int64_t g0, int64_t g1);
+}  // namespace avx512_bf16
 #endif
 #if defined(QALORA_HAVE_NEON)
 const KernelTable* kernel_table_neon();

@@ -43,10 +43,16 @@ inline void unpack_group(const uint32_t* row, int64_t g, int G, float* out) {
   for (int c = 0; c < G / kChunk; ++c) unpack_chunk<BITS, float>(words + c * BITS, out + c * kChunk);
 }
 
-inline float dot(const float* a, const float* b, int n) {
+// An activation as float: x is float32 or bfloat16 bits (uint16_t), the latter
+// widened in place (a shift), so the bf16 kernels never convert x as a whole.
+inline float xval(const float* p, int64_t i) { return p[i]; }
+inline float xval(const uint16_t* p, int64_t i) { return bits_float(static_cast<uint32_t>(p[i]) << 16); }
+
+template <typename XT>
+inline float dot(const float* a, const XT* b, int n) {
   float s = 0.f;
   QALORA_SIMD_REDUCE(s)
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int i = 0; i < n; ++i) s += a[i] * xval(b, i);
   return s;
 }
 
@@ -107,8 +113,8 @@ inline void load_lanes(const void* base, int64_t i0, int64_t stride, FloatType t
 // small-M hot loop. MT is a compile-time count so the MT x kLanes group
 // accumulators live in registers; larger M is done MT rows of x at a time
 // (the row block's codes stay in L1/L2 between passes).
-template <int BITS, int MT>
-void forward_row_block(const PackedView& w, const float* x, const float* group_sums, float* out /* M x kLanes */,
+template <int BITS, int MT, typename XT>
+void forward_row_block(const PackedView& w, const XT* x, const float* group_sums, float* out /* M x kLanes */,
                        int64_t n0, int64_t m0) {
   const int G = w.group_size;
   const int64_t L = w.groups();
@@ -118,7 +124,7 @@ void forward_row_block(const PackedView& w, const float* x, const float* group_s
     for (int r = 0; r < kLanes; ++r) acc[m][r] = 0.f;
   const uint32_t* rows[kLanes];
   for (int r = 0; r < kLanes; ++r) rows[r] = w.packed + (n0 + r) * w.stride_words;
-  const float* xm = x + m0 * K;
+  const XT* xm = x + m0 * K;
   for (int64_t g = 0; g < L; ++g) {
     float gacc[MT][kLanes];
     for (int m = 0; m < MT; ++m)
@@ -134,7 +140,7 @@ void forward_row_block(const PackedView& w, const float* x, const float* group_s
         float q[kLanes];
         chunk_codes<BITS>(wv, i, q);
         for (int m = 0; m < MT; ++m) {
-          const float xv = xm[m * K + k0 + i];
+          const float xv = xval(xm, m * K + k0 + i);
           QALORA_SIMD
           for (int r = 0; r < kLanes; ++r) gacc[m][r] += q[r] * xv;
         }
@@ -153,22 +159,22 @@ void forward_row_block(const PackedView& w, const float* x, const float* group_s
     for (int r = 0; r < kLanes; ++r) out[(m0 + m) * kLanes + r] = acc[m][r];
 }
 
-template <int BITS>
-void forward_rows_block_allm(const PackedView& w, const float* x, int64_t M, const float* group_sums, float* out,
+template <int BITS, typename XT>
+void forward_rows_block_allm(const PackedView& w, const XT* x, int64_t M, const float* group_sums, float* out,
                              int64_t n0) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) forward_row_block<BITS, 4>(w, x, group_sums, out, n0, m0);
+  for (; m0 + 4 <= M; m0 += 4) forward_row_block<BITS, 4, XT>(w, x, group_sums, out, n0, m0);
   switch (M - m0) {
-    case 3: forward_row_block<BITS, 3>(w, x, group_sums, out, n0, m0); break;
-    case 2: forward_row_block<BITS, 2>(w, x, group_sums, out, n0, m0); break;
-    case 1: forward_row_block<BITS, 1>(w, x, group_sums, out, n0, m0); break;
+    case 3: forward_row_block<BITS, 3, XT>(w, x, group_sums, out, n0, m0); break;
+    case 2: forward_row_block<BITS, 2, XT>(w, x, group_sums, out, n0, m0); break;
+    case 1: forward_row_block<BITS, 1, XT>(w, x, group_sums, out, n0, m0); break;
     default: break;
   }
 }
 
 // One row at a time: the tail of a range that is not a whole row block.
-template <int BITS>
-void forward_rows_single(const PackedView& w, const float* x, int64_t M, const float* group_sums,
+template <int BITS, typename XT>
+void forward_rows_single(const PackedView& w, const XT* x, int64_t M, const float* group_sums,
                          float* out /* M x 1 */, int64_t n) {
   const int G = w.group_size;
   const int64_t L = w.groups();
@@ -184,8 +190,8 @@ void forward_rows_single(const PackedView& w, const float* x, int64_t M, const f
   }
 }
 
-template <int BITS>
-void forward_rows_t(const PackedView& w, const float* x, int64_t M, const float* group_sums, const float* bias,
+template <int BITS, typename XT>
+void forward_rows_t(const PackedView& w, const XT* x, int64_t M, const float* group_sums, const float* bias,
                     const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
   const int64_t N = w.N;
   float out[kMaxSmallM * kLanes];
@@ -193,9 +199,9 @@ void forward_rows_t(const PackedView& w, const float* x, int64_t M, const float*
   while (n < n1) {
     const int rows = n + kLanes <= n1 ? kLanes : 1;
     if (rows == kLanes) {
-      forward_rows_block_allm<BITS>(w, x, M, group_sums, out, n);
+      forward_rows_block_allm<BITS, XT>(w, x, M, group_sums, out, n);
     } else {
-      forward_rows_single<BITS>(w, x, M, group_sums, out, n);
+      forward_rows_single<BITS, XT>(w, x, M, group_sums, out, n);
     }
     // Epilogue: bias and the adapter's u @ B^T for these rows.
     for (int r = 0; r < rows; ++r)
@@ -255,16 +261,125 @@ void dequantize_rows_t(const PackedView& w, float* out, int64_t n0, int64_t n1) 
   }
 }
 
-void group_sums(const float* x, int64_t K, int64_t G, float* out, int64_t m0, int64_t m1) {
+template <typename XT>
+void group_sums_t(const XT* x, int64_t K, int64_t G, float* out, int64_t m0, int64_t m1) {
   const int64_t L = K / G;
   for (int64_t m = m0; m < m1; ++m) {
     for (int64_t g = 0; g < L; ++g) {
-      const float* p = x + m * K + g * G;
+      const XT* p = x + m * K + g * G;
       float s = 0.f;
       QALORA_SIMD_REDUCE(s)
-      for (int64_t i = 0; i < G; ++i) s += p[i];
+      for (int64_t i = 0; i < G; ++i) s += xval(p, i);
       out[m * L + g] = s;
     }
+  }
+}
+
+void group_sums(const float* x, int64_t K, int64_t G, float* out, int64_t m0, int64_t m1) {
+  group_sums_t<float>(x, K, G, out, m0, m1);
+}
+void group_sums_bf16(const uint16_t* x, int64_t K, int64_t G, float* out, int64_t m0, int64_t m1) {
+  group_sums_t<uint16_t>(x, K, G, out, m0, m1);
+}
+
+// ---- bf16 operands of the large-M bf16 GEMM (layouts: kernels.h) ----
+
+// bf16(lo) | bf16(hi) << 16, each rounded to nearest even (finite values; a
+// NaN stays a NaN as in float_to_bf16_bits). Branch-free so the lane loops vectorize.
+inline uint32_t bf16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(float_to_bf16_bits(lo)) | (static_cast<uint32_t>(float_to_bf16_bits(hi)) << 16);
+}
+
+// Forward: kLanes rows at a time, each lane one row (as forward_row_block),
+// so a pair (k, k + 1) of kLanes rows is one contiguous run of kLanes words.
+template <int BITS>
+void dequantize_bf16_kpairs_t(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1) {
+  const int G = w.group_size;
+  const int64_t L = w.groups();
+  const int64_t nb = n1 - n0;
+  int64_t n = n0;
+  for (; n + kLanes <= n1; n += kLanes) {
+    const uint32_t* rows[kLanes];
+    for (int r = 0; r < kLanes; ++r) rows[r] = w.packed + (n + r) * w.stride_words;
+    for (int64_t g = 0; g < L; ++g) {
+      float s[kLanes], z[kLanes];
+      load_lanes(w.scale, n * L + g, L, w.scale_type, s);
+      load_lanes(w.zero, n * L + g, L, w.zero_type, z);
+      for (int c = 0; c < G / kChunk; ++c) {
+        const int64_t word0 = (g * (G / kChunk) + c) * BITS;
+        uint32_t wv[BITS][kLanes];
+        for (int b = 0; b < BITS; ++b)
+          for (int r = 0; r < kLanes; ++r) wv[b][r] = rows[r][word0 + b];
+        const int64_t k0 = g * G + c * kChunk;
+#pragma GCC unroll 16
+        for (int i = 0; i < kChunk; i += 2) {
+          float q0[kLanes], q1[kLanes];
+          chunk_codes<BITS>(wv, i, q0);
+          chunk_codes<BITS>(wv, i + 1, q1);
+          uint32_t* dst = out + ((k0 + i) / 2) * nb + (n - n0);
+          QALORA_SIMD
+          for (int r = 0; r < kLanes; ++r) dst[r] = bf16_pair(s[r] * q0[r] + z[r], s[r] * q1[r] + z[r]);
+        }
+      }
+    }
+  }
+  alignas(64) float q[kMaxGroup];
+  for (; n < n1; ++n) {  // the tail rows, one at a time
+    const uint32_t* row = w.packed + n * w.stride_words;
+    for (int64_t g = 0; g < L; ++g) {
+      unpack_group<BITS>(row, g, G, q);
+      const float s = load_store(w.scale, n * L + g, w.scale_type);
+      const float z = load_store(w.zero, n * L + g, w.zero_type);
+      uint32_t* dst = out + (g * G / 2) * nb + (n - n0);
+      for (int i = 0; i < G; i += 2) dst[(i / 2) * nb] = bf16_pair(s * q[i] + z, s * q[i + 1] + z);
+    }
+  }
+}
+
+// grad_input: two rows at a time, interleaved along k.
+template <int BITS>
+void dequantize_bf16_npairs_t(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1, int64_t g0, int64_t g1) {
+  const int G = w.group_size;
+  const int64_t L = w.groups();
+  const int64_t kb = (g1 - g0) * G;
+  alignas(64) float a[kMaxGroup], b[kMaxGroup];
+  for (int64_t n = n0; n < n1; n += 2) {
+    const bool second = n + 1 < n1;
+    const uint32_t* ra = w.packed + n * w.stride_words;
+    const uint32_t* rb = w.packed + (n + 1) * w.stride_words;
+    uint32_t* dst_row = out + ((n - n0) / 2) * kb;
+    for (int64_t g = g0; g < g1; ++g) {
+      unpack_group<BITS>(ra, g, G, a);
+      const float sa = load_store(w.scale, n * L + g, w.scale_type);
+      const float za = load_store(w.zero, n * L + g, w.zero_type);
+      float sb = 0.f, zb = 0.f;
+      if (second) {
+        unpack_group<BITS>(rb, g, G, b);
+        sb = load_store(w.scale, (n + 1) * L + g, w.scale_type);
+        zb = load_store(w.zero, (n + 1) * L + g, w.zero_type);
+      } else {
+        for (int i = 0; i < G; ++i) b[i] = 0.f;
+      }
+      uint32_t* dst = dst_row + (g - g0) * G;
+      QALORA_SIMD
+      for (int i = 0; i < G; ++i) dst[i] = bf16_pair(sa * a[i] + za, sb * b[i] + zb);
+    }
+  }
+}
+
+void dequantize_bf16_kpairs(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1) {
+  switch (w.bits) {
+    case 2: return dequantize_bf16_kpairs_t<2>(w, out, n0, n1);
+    case 3: return dequantize_bf16_kpairs_t<3>(w, out, n0, n1);
+    default: return dequantize_bf16_kpairs_t<4>(w, out, n0, n1);
+  }
+}
+
+void dequantize_bf16_npairs(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1, int64_t g0, int64_t g1) {
+  switch (w.bits) {
+    case 2: return dequantize_bf16_npairs_t<2>(w, out, n0, n1, g0, g1);
+    case 3: return dequantize_bf16_npairs_t<3>(w, out, n0, n1, g0, g1);
+    default: return dequantize_bf16_npairs_t<4>(w, out, n0, n1, g0, g1);
   }
 }
 
@@ -316,10 +431,24 @@ void forward_rows_i8(const PackedView& w, const int8_t* xq, const float* dx, int
 void forward_rows(const PackedView& w, const float* x, int64_t M, const float* group_sums, const float* bias,
                   const float* u, const float* B, int64_t rank, float* y, int64_t n0, int64_t n1) {
   switch (w.bits) {
-    case 2: return forward_rows_t<2>(w, x, M, group_sums, bias, u, B, rank, y, n0, n1);
-    case 3: return forward_rows_t<3>(w, x, M, group_sums, bias, u, B, rank, y, n0, n1);
-    default: return forward_rows_t<4>(w, x, M, group_sums, bias, u, B, rank, y, n0, n1);
+    case 2: return forward_rows_t<2, float>(w, x, M, group_sums, bias, u, B, rank, y, n0, n1);
+    case 3: return forward_rows_t<3, float>(w, x, M, group_sums, bias, u, B, rank, y, n0, n1);
+    default: return forward_rows_t<4, float>(w, x, M, group_sums, bias, u, B, rank, y, n0, n1);
   }
+}
+
+// bf16 x: this call's task widens x (M < kMaxSmallM rows: at most a few
+// hundred KB) once into its own float buffer and runs the float kernel. (The
+// same kernel reading bf16 element by element in its inner loop ran 2x slower
+// than float x: the widening sat on the critical path of every broadcast.)
+void forward_rows_bf16(const PackedView& w, const uint16_t* x, int64_t M, const float* group_sums,
+                       const float* bias, const float* u, const float* B, int64_t rank, float* y, int64_t n0,
+                       int64_t n1) {
+  const int64_t K = w.K;
+  float* xf = new float[M * K];
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = xval(x, i);
+  forward_rows(w, xf, M, group_sums, bias, u, B, rank, y, n0, n1);
+  delete[] xf;
 }
 
 void grad_input_groups(const PackedView& w, const float* gyT, int64_t M, const float* group_add, float* gx,
@@ -361,6 +490,15 @@ const KernelTable* QALORA_CAT(kernel_table_, QALORA_ISA)() {
       QALORA_ISA::prepared_len_i8,
       QALORA_ISA::prepare_i8,
       QALORA_ISA::forward_rows_i8,
+#if defined(QALORA_AVX512_BF16_OPERANDS)
+      avx512_bf16::dequantize_bf16_kpairs,
+      avx512_bf16::dequantize_bf16_npairs,
+#else
+      QALORA_ISA::dequantize_bf16_kpairs,
+      QALORA_ISA::dequantize_bf16_npairs,
+#endif
+      QALORA_ISA::forward_rows_bf16,
+      QALORA_ISA::group_sums_bf16,
   };
   return &table;
 }

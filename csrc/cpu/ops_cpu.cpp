@@ -7,9 +7,12 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/kernels.h"
 #include "checks.h"
 
@@ -34,17 +37,32 @@ void dequantize_block(const PackedView& w, float* out, int64_t n0, int64_t n1) {
   at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) { k.dequantize_rows(w, out + (a - n0) * w.K, a, b); });
 }
 
-// The group sums of x (M, K) float32: (M, L), one sum per row and group.
+// The group sums of x (M, K) float32 or bfloat16 (read in place): (M, L)
+// float32, one sum per row and group.
 at::Tensor group_sums_of(const at::Tensor& x2d, int64_t group_size) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
   auto sums = at::empty({M, K / group_size}, x2d.options().dtype(at::kFloat));
-  const float* xp = x2d.data_ptr<float>();
   float* sp = sums.data_ptr<float>();
   const auto& k = cpu::active_kernels();
-  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)),
-                   [&](int64_t a, int64_t b) { k.group_sums(xp, K, group_size, sp, a, b); });
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));
+  if (x2d.scalar_type() == at::kBFloat16) {
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2d.data_ptr<at::BFloat16>());
+    at::parallel_for(0, M, grain, [&](int64_t a, int64_t b) { k.group_sums_bf16(xp, K, group_size, sp, a, b); });
+  } else {
+    const float* xp = x2d.data_ptr<float>();
+    at::parallel_for(0, M, grain, [&](int64_t a, int64_t b) { k.group_sums(xp, K, group_size, sp, a, b); });
+  }
   return sums;
 }
+
+// Blocking of the bf16 GEMM paths: W~ rows per dequantized block (forward;
+// K x 128 bf16 stays in L2 while every row of x passes over it), rows of x
+// per GEMM call, and grad_input's column blocks (a multiple of every G) x row
+// blocks of W~.
+constexpr int64_t kBf16BlockRows = 128;
+constexpr int64_t kBf16CallRows = 256;
+constexpr int64_t kBf16GradCols = 256;
+constexpr int64_t kBf16GradRows = 256;
 
 // ---------------------------------------------------------------------------
 
@@ -114,7 +132,8 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
 // (M, L), and the epilogue's bias (N), adapter input u (M, rank) and lora_B
 // (N, rank), each null when absent; y (M, N) is written.
 struct SmallMArgs {
-  const float* x;
+  const float* x;  // float32 x, or null when x_bf16 is given
+  const uint16_t* x_bf16;
   const float* group_sums;
   const float* bias;
   const float* u;
@@ -171,9 +190,19 @@ void qlinear_rows_int8(const cpu::KernelTable& k, const PackedView& w, const at:
 void qlinear_gemv(const cpu::KernelTable& k, const PackedView& w, const at::Tensor& x2, const SmallMArgs& a) {
   const int64_t M = x2.size(0), K = w.K;
   const int64_t Kp = k.prepared_len_f32(K, w.bits);
-  auto xprep = at::empty({M, Kp}, x2.options());
+  auto xprep = at::empty({M, Kp}, x2.options().dtype(at::kFloat));
   float* pp = xprep.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) k.prepare_f32(a.x + m * K, K, w.bits, pp + m * Kp);
+  if (a.x_bf16) {
+    // bf16 x: each row widened on its own (at most kGemvMaxM rows), then put in the kernel's order.
+    std::vector<float> row(static_cast<size_t>(K));
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* xr = a.x_bf16 + m * K;
+      for (int64_t i = 0; i < K; ++i) row[i] = bf16_bits_to_float(xr[i]);
+      k.prepare_f32(row.data(), K, w.bits, pp + m * Kp);
+    }
+  } else {
+    for (int64_t m = 0; m < M; ++m) k.prepare_f32(a.x + m * K, K, w.bits, pp + m * Kp);
+  }
   at::parallel_for(0, w.N, 64, [&](int64_t n0, int64_t n1) {
     k.gemv_rows(w, pp, M, a.group_sums, a.bias, a.u, a.B, a.rank, a.y, n0, n1);
   });
@@ -187,8 +216,12 @@ void qlinear_rows(const cpu::KernelTable& k, const PackedView& w, int64_t M, con
   // so only the last rows of the matrix take the one-row tail path.
   constexpr int64_t kRowBlock = 16;
   at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
-    k.forward_rows(w, a.x, M, a.group_sums, a.bias, a.u, a.B, a.rank, a.y, b0 * kRowBlock,
-                   std::min(N, b1 * kRowBlock));
+    const int64_t n0 = b0 * kRowBlock, n1 = std::min(N, b1 * kRowBlock);
+    if (a.x_bf16) {
+      k.forward_rows_bf16(w, a.x_bf16, M, a.group_sums, a.bias, a.u, a.B, a.rank, a.y, n0, n1);
+    } else {
+      k.forward_rows(w, a.x, M, a.group_sums, a.bias, a.u, a.B, a.rank, a.y, n0, n1);
+    }
   });
 }
 
@@ -225,6 +258,39 @@ void qlinear_dequant_gemm(const cpu::KernelTable& k, const PackedView& w, const 
   if (u.defined()) y.addmm_(u, B.t());
 }
 
+// Large M, bfloat16 x, a bf16 GEMM on this CPU (SPEC "16-bit activations"):
+// each task dequantizes blocks of kBf16BlockRows rows of W~ straight to bf16
+// in the GEMM's operand layout and multiplies x (bf16) by them with float32
+// accumulation into y (float32); the bias is added per block, the adapter
+// after, both in float32, and the caller rounds y once. Tasks own disjoint
+// columns of y: the result does not depend on the thread count.
+void qlinear_bf16_gemm(const cpu::KernelTable& k, const cpu::Bf16Gemm& gemm, const PackedView& w,
+                       const at::Tensor& xb, const at::Tensor& bias, const at::Tensor& u, const at::Tensor& B,
+                       at::Tensor& y) {
+  const int64_t M = xb.size(0), N = w.N, K = w.K;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t nblocks = (N + kBf16BlockRows - 1) / kBf16BlockRows;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> wbuf(static_cast<size_t>(K / 2 * kBf16BlockRows));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * kBf16BlockRows, n1 = std::min(N, n0 + kBf16BlockRows), nb = n1 - n0;
+      k.dequantize_bf16_kpairs(w, wbuf.data(), n0, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += kBf16CallRows) {
+        const int64_t mr = std::min(kBf16CallRows, M - m0);
+        gemm.gemm(mr, nb, K, xp + m0 * K, K, wbuf.data(), yp + m0 * N + n0, N, false);
+      }
+      if (bp) {
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = n0; n < n1; ++n) yp[m * N + n] += bp[n];
+      }
+    }
+    gemm.release();
+  });
+  if (u.defined()) y.addmm_(u, B.t());
+}
+
 // x (..., K) -> y (..., N) = x W~^T + bias + scaling * (pool'(x) A^T) B^T.
 // int8_activations: below kSmallMThreshold rows, x is quantized per group to
 // int8 and the code x activation sums are exact integers (op qlinear_int8).
@@ -247,7 +313,13 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
   const int64_t M = leading_rows(x);
   if (M == 0 || N == 0) return at::zeros(out_shape, x.options());
 
-  auto x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
+  const auto& k = cpu::active_kernels();
+  // bfloat16 x: read in place by the small-M kernels; at large M multiplied
+  // in bf16 where this CPU has a bf16 GEMM (cpu/bf16_gemm.h), else in float32.
+  const bool x_bf16 = x.scalar_type() == at::kBFloat16 && !int8_activations;
+  const cpu::Bf16Gemm* bf16_gemm = x_bf16 && M >= kSmallMThreshold ? cpu::bf16_gemm() : nullptr;
+  const bool keep_bf16 = x_bf16 && (M < kSmallMThreshold || bf16_gemm);
+  auto x2 = keep_bf16 ? x.reshape({M, K}).contiguous() : x.reshape({M, K}).to(at::kFloat).contiguous();
   const auto cw = contiguous_weight(packed, scale, zero, bits, group_size);
   const PackedView& w = cw.view;
   auto group_sums = group_sums_of(x2, group_size);
@@ -259,12 +331,14 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
   }
   if (bias) b = bias->to(at::kFloat).contiguous();
 
-  const auto& k = cpu::active_kernels();
-  auto y = at::empty({M, N}, x2.options());
-  if (M >= kSmallMThreshold) {
+  auto y = at::empty({M, N}, x2.options().dtype(at::kFloat));
+  if (bf16_gemm) {
+    qlinear_bf16_gemm(k, *bf16_gemm, w, x2, b, u, B, y);
+  } else if (M >= kSmallMThreshold) {
     qlinear_dequant_gemm(k, w, x2, b, u, B, y);
   } else {
-    const SmallMArgs args{x2.data_ptr<float>(),
+    const SmallMArgs args{keep_bf16 ? nullptr : x2.data_ptr<float>(),
+                          keep_bf16 ? reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>()) : nullptr,
                           group_sums.data_ptr<float>(),
                           bias ? b.data_ptr<float>() : nullptr,
                           adapter ? u.data_ptr<float>() : nullptr,
@@ -300,6 +374,39 @@ at::Tensor qlinear_int8_cpu(const at::Tensor& x, const at::Tensor& packed, const
                       true);
 }
 
+// grad_input at large M, bfloat16 gy (M, N), a bf16 GEMM on this CPU: gx (M, K)
+// float32, holding the adapter's term, += gy W~. Each task owns column blocks
+// of gx (kBf16GradCols, whole groups) and walks the rows of W~ in order,
+// dequantizing each (rows x columns) block to bf16 in pairs of rows and
+// accumulating in float32: no sum crosses tasks, so the result does not
+// depend on the thread count.
+void grad_input_bf16_gemm(const cpu::KernelTable& k, const cpu::Bf16Gemm& gemm, const PackedView& w,
+                          at::Tensor gy, at::Tensor& gx) {
+  const int64_t M = gy.size(0), N = w.N, K = w.K, G = w.group_size, L = w.groups();
+  // The contraction runs over pairs of rows of W~: an odd N gets one zero column of gy (and a zero row of W~).
+  if (N % 2) gy = at::constant_pad_nd(gy, {0, 1});
+  const int64_t lda = gy.size(1);
+  const uint16_t* gp = reinterpret_cast<const uint16_t*>(gy.data_ptr<at::BFloat16>());
+  float* xp = gx.data_ptr<float>();
+  const int64_t groups_per_block = kBf16GradCols / G;
+  const int64_t nblocks = (L + groups_per_block - 1) / groups_per_block;
+  at::parallel_for(0, nblocks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint32_t> wbuf(static_cast<size_t>(kBf16GradRows / 2 * kBf16GradCols));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t g0 = c * groups_per_block, g1 = std::min(L, g0 + groups_per_block), kb = (g1 - g0) * G;
+      for (int64_t n0 = 0; n0 < N; n0 += kBf16GradRows) {
+        const int64_t n1 = std::min(N, n0 + kBf16GradRows), kc = (n1 - n0 + 1) / 2 * 2;
+        k.dequantize_bf16_npairs(w, wbuf.data(), n0, n1, g0, g1);
+        for (int64_t m0 = 0; m0 < M; m0 += kBf16CallRows) {
+          const int64_t mr = std::min(kBf16CallRows, M - m0);
+          gemm.gemm(mr, kb, kc, gp + m0 * lda + n0, lda, wbuf.data(), xp + m0 * K + g0 * G, K, true);
+        }
+      }
+    }
+    gemm.release();
+  });
+}
+
 // grad_x (..., K) = grad_out W~ + scaling/G * unpool(mask * ((grad_out B) A))
 at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& scale,
                                   const at::Tensor& zero, const std::optional<at::Tensor>& lora_A,
@@ -319,7 +426,11 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
   const int64_t M = leading_rows(grad_out);
   if (M == 0 || N == 0) return at::zeros(out_shape, grad_out.options());  // N == 0: an empty sum
 
-  auto gy = grad_out.reshape({M, N}).to(at::kFloat).contiguous();
+  // bfloat16 grad_out at large M, a bf16 GEMM on this CPU: gy W~ in bf16
+  // with float32 accumulation (grad_input_bf16_gemm); otherwise float32.
+  const cpu::Bf16Gemm* bf16_gemm =
+      grad_out.scalar_type() == at::kBFloat16 && M >= kSmallMThresholdGrad ? cpu::bf16_gemm() : nullptr;
+  auto gy = bf16_gemm ? grad_out.reshape({M, N}).contiguous() : grad_out.reshape({M, N}).to(at::kFloat).contiguous();
   const auto cw = contiguous_weight(packed, scale, zero, bits, group_size);
   const PackedView& w = cw.view;
 
@@ -327,7 +438,10 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
   if (adapter) group_add = adapter_grad_per_group(gy, *lora_A, *lora_B, pool_mask, scaling, group_size);
 
   at::Tensor gx;
-  if (M < kSmallMThresholdGrad) {
+  if (bf16_gemm) {
+    gx = adapter ? group_add.repeat_interleave(group_size, 1) : at::zeros({M, K}, gy.options().dtype(at::kFloat));
+    grad_input_bf16_gemm(cpu::active_kernels(), *bf16_gemm, w, gy, gx);
+  } else if (M < kSmallMThresholdGrad) {
     gx = at::empty({M, K}, gy.options());
     auto gyT = gy.t().contiguous();
     const float* gp = gyT.data_ptr<float>();

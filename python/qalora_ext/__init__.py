@@ -59,5 +59,7 @@ def build_info() -> dict:
         "cuda_kernels": bool(_C.WITH_CUDA),
         "cpu_isas_compiled": _C.compiled_cpu_isas(),
         "cpu_isa_active": _C.get_cpu_isa(),
+        # What bfloat16 activations multiply with at large M: "onednn-brgemm-amx", or "off: <why>" (float32 GEMM).
+        "cpu_bf16_gemm": _C.cpu_bf16_gemm(),
         "packed_layout": LAYOUT_CANONICAL,
     }
