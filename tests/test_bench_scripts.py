@@ -46,3 +46,34 @@ def test_bench_train_runs_every_variant_on_the_cpu(tmp_path, capsys):
     memory = next(t for t in res["targets"] if t["label"].startswith("base-weight"))
     assert 3.3 < memory["value"] < 3.4  # 16 bits / (4 + 16/64 + 32/64) bits per weight = 3.37
     assert "Issue 6 targets" in capsys.readouterr().out
+
+
+def test_bench_finetune_cpu_quick_runs_each_configuration_in_its_own_worker(tmp_path):
+    """bench_finetune_cpu --quick: a tiny random Llama, each configuration in a fresh worker process driven in
+    lockstep, peak memory per worker, the profile of one more step of ours; the numbers mean nothing here."""
+    import importlib.util as iu
+
+    bench = _load("bench_finetune_cpu")
+    out = tmp_path / "ft"
+    has_peft = iu.find_spec("peft") is not None
+    assert bench.main(["--quick", "--configs", "ours-bf16,peft-bf16", "--profile", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [r["config"] for r in res["rows"]] == ["ours-bf16"] + (["peft-bf16"] if has_peft else [])
+    assert (not has_peft) == ("peft-bf16" in res["skipped"])
+    for r in res["rows"]:
+        assert len(r["step_s"]) == 1 + 2 and all(t > 0 for t in r["step_s"]), r  # the profiled step is not in it
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["median_step_s"])
+        assert r["adapter_dtypes"] == ["float32"] and r["trainable_params"] > 0
+        assert r["train_peak_mib"] is None or 0 < r["train_peak_mib"] <= r["process_peak_mib"] + 1
+    if has_peft:
+        ours, theirs = res["rows"]
+        assert ours["first_loss"] == pytest.approx(theirs["first_loss"], rel=0.05)  # same data, untrained adapters
+        assert [t["label"].split(" >=")[0].split(" training")[0] for t in res["targets"]] == [
+            "ours bf16 tokens/s", "ours bf16"]
+    assert set(res["profile"]) == {"ours-bf16"}
+    shares = {row["category"]: row["share"] for row in res["profile"]["ours-bf16"]["rows"]}
+    assert {"packed layers + adapters", "attention (SDPA, RoPE)", "head (lm_head)", "optimizer (clip + AdamW)",
+            "loss (float32 cross-entropy)"} <= set(shares)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    text = out.with_suffix(".md").read_text()
+    assert "| configuration" in text and "Profile: one step of ours" in text

@@ -182,7 +182,7 @@ def test_resolve_autocast(monkeypatch):
 
 
 class _Stop(Exception):
-    """Raised by the stand-in finetune once it has seen its arguments (not an OSError/ValueError: cli.main re-raises)."""
+    """The stand-in finetune raises it once it has its arguments (not an OSError or ValueError: cli.main re-raises)."""
 
 
 @pytest.fixture(scope="module")
