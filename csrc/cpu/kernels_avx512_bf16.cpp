@@ -93,26 +93,36 @@ void kpairs_t(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1) {
   }
 }
 
+// Where code i of a chunk sits, for the 16 codes [16h, 16h + 16) of one row's
+// chunk: the word holding its low bits (w0), the next word (w1, for a code
+// that straddles two words), and the shifts. Built once per call.
+struct RowIndex {
+  __m512i w0[2], w1[2], sh[2], shl[2];
+  explicit RowIndex(int bits) {
+    alignas(64) int a[16], b[16], c[16], d[16];
+    for (int h = 0; h < 2; ++h) {
+      for (int i = 0; i < 16; ++i) {
+        const int bit = (16 * h + i) * bits;
+        a[i] = bit >> 5;
+        b[i] = (bit >> 5) + 1 < 16 ? (bit >> 5) + 1 : 15;
+        c[i] = bit & 31;
+        d[i] = 32 - (bit & 31);  // 32: the AVX-512 variable shift gives 0
+      }
+      w0[h] = _mm512_load_si512(a);
+      w1[h] = _mm512_load_si512(b);
+      sh[h] = _mm512_load_si512(c);
+      shl[h] = _mm512_load_si512(d);
+    }
+  }
+};
+
 // 16 codes [16h, 16h + 16) of one row's chunk (words: the chunk's BITS words in lanes 0..BITS-1) as floats.
 template <int BITS, int H>
-inline __m512 row_codes(__m512i words) {
-  alignas(64) static const struct Idx {
-    int w0[16], w1[16], sh[16], shl[16];
-    Idx() {
-      for (int i = 0; i < 16; ++i) {
-        const int bit = (16 * H + i) * BITS;
-        w0[i] = bit >> 5;
-        w1[i] = (bit >> 5) + 1 < 16 ? (bit >> 5) + 1 : 15;
-        sh[i] = bit & 31;
-        shl[i] = 32 - (bit & 31);  // 32: the AVX-512 variable shift gives 0
-      }
-    }
-  } idx;
-  const __m512i lo = _mm512_permutexvar_epi32(_mm512_load_si512(idx.w0), words);
-  const __m512i hi = _mm512_permutexvar_epi32(_mm512_load_si512(idx.w1), words);
+inline __m512 row_codes(const RowIndex& ix, __m512i words) {
+  const __m512i lo = _mm512_permutexvar_epi32(ix.w0[H], words);
+  const __m512i hi = _mm512_permutexvar_epi32(ix.w1[H], words);
   // A code that does not straddle gets hi shifted left by >= BITS: masked away.
-  const __m512i v = _mm512_or_si512(_mm512_srlv_epi32(lo, _mm512_load_si512(idx.sh)),
-                                    _mm512_sllv_epi32(hi, _mm512_load_si512(idx.shl)));
+  const __m512i v = _mm512_or_si512(_mm512_srlv_epi32(lo, ix.sh[H]), _mm512_sllv_epi32(hi, ix.shl[H]));
   return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1)));
 }
 
@@ -122,6 +132,7 @@ void npairs_t(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1, int64_
   const int64_t L = w.groups();
   const int64_t kb = (g1 - g0) * G;
   const __mmask16 wmask = static_cast<__mmask16>((1u << BITS) - 1u);
+  const RowIndex ix(BITS);
   for (int64_t n = n0; n < n1; n += 2) {
     const bool second = n + 1 < n1;
     const uint32_t* ra = w.packed + n * w.stride_words;
@@ -137,10 +148,10 @@ void npairs_t(const PackedView& w, uint32_t* out, int64_t n0, int64_t n1, int64_
         const __m512i wa = _mm512_maskz_loadu_epi32(wmask, ra + word0);
         const __m512i wb = _mm512_maskz_loadu_epi32(wmask, rb + word0);
         uint32_t* dst = dst_row + (g - g0) * G + c * kChunk;
-        _mm512_storeu_si512(dst, bf16_pairs(_mm512_fmadd_ps(row_codes<BITS, 0>(wa), sa, za),
-                                            _mm512_fmadd_ps(row_codes<BITS, 0>(wb), sb, zb)));
-        _mm512_storeu_si512(dst + 16, bf16_pairs(_mm512_fmadd_ps(row_codes<BITS, 1>(wa), sa, za),
-                                                 _mm512_fmadd_ps(row_codes<BITS, 1>(wb), sb, zb)));
+        _mm512_storeu_si512(dst, bf16_pairs(_mm512_fmadd_ps(row_codes<BITS, 0>(ix, wa), sa, za),
+                                            _mm512_fmadd_ps(row_codes<BITS, 0>(ix, wb), sb, zb)));
+        _mm512_storeu_si512(dst + 16, bf16_pairs(_mm512_fmadd_ps(row_codes<BITS, 1>(ix, wa), sa, za),
+                                                 _mm512_fmadd_ps(row_codes<BITS, 1>(ix, wb), sb, zb)));
       }
     }
   }

@@ -55,14 +55,19 @@ at::Tensor group_sums_of(const at::Tensor& x2d, int64_t group_size) {
   return sums;
 }
 
-// Blocking of the bf16 GEMM paths: W~ rows per dequantized block (forward;
-// K x 128 bf16 stays in L2 while every row of x passes over it), rows of x
-// per GEMM call, and grad_input's column blocks (a multiple of every G) x row
-// blocks of W~.
+// Blocking of the bf16 GEMM paths (bench/bench_cpu.py, 4096 x 4096, AMX).
+// Forward: W~ rows per dequantized block (K x 128 bf16, 1 MB at K = 4096,
+// stays in L2 while the rows of x pass over it; 256 rows ran 2x slower) and
+// rows of x per GEMM call. grad_input contracts over the rows of W~: blocks
+// of kBf16GradCols columns (whole groups) x kBf16GradRows rows, the float32
+// accumulators (kBf16GradCallRows x kBf16GradCols) updated once per row block
+// (64-column x 4096-row blocks, and 256 x 256, ran at half the dense GEMM's
+// speed: x, or gx, re-read too often).
 constexpr int64_t kBf16BlockRows = 128;
 constexpr int64_t kBf16CallRows = 256;
-constexpr int64_t kBf16GradCols = 256;
-constexpr int64_t kBf16GradRows = 256;
+constexpr int64_t kBf16GradCols = 1024;
+constexpr int64_t kBf16GradRows = 512;
+constexpr int64_t kBf16GradCallRows = 512;
 
 // ---------------------------------------------------------------------------
 
@@ -388,17 +393,18 @@ void grad_input_bf16_gemm(const cpu::KernelTable& k, const cpu::Bf16Gemm& gemm, 
   const int64_t lda = gy.size(1);
   const uint16_t* gp = reinterpret_cast<const uint16_t*>(gy.data_ptr<at::BFloat16>());
   float* xp = gx.data_ptr<float>();
-  const int64_t groups_per_block = kBf16GradCols / G;
+  const int64_t groups_per_block = std::max<int64_t>(1, kBf16GradCols / G);
   const int64_t nblocks = (L + groups_per_block - 1) / groups_per_block;
+  const int64_t rows = std::min(kBf16GradRows, N);
   at::parallel_for(0, nblocks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<uint32_t> wbuf(static_cast<size_t>(kBf16GradRows / 2 * kBf16GradCols));
+    std::vector<uint32_t> wbuf(static_cast<size_t>((rows + 1) / 2 * groups_per_block * G));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t g0 = c * groups_per_block, g1 = std::min(L, g0 + groups_per_block), kb = (g1 - g0) * G;
-      for (int64_t n0 = 0; n0 < N; n0 += kBf16GradRows) {
-        const int64_t n1 = std::min(N, n0 + kBf16GradRows), kc = (n1 - n0 + 1) / 2 * 2;
+      for (int64_t n0 = 0; n0 < N; n0 += rows) {
+        const int64_t n1 = std::min(N, n0 + rows), kc = (n1 - n0 + 1) / 2 * 2;
         k.dequantize_bf16_npairs(w, wbuf.data(), n0, n1, g0, g1);
-        for (int64_t m0 = 0; m0 < M; m0 += kBf16CallRows) {
-          const int64_t mr = std::min(kBf16CallRows, M - m0);
+        for (int64_t m0 = 0; m0 < M; m0 += kBf16GradCallRows) {
+          const int64_t mr = std::min(kBf16GradCallRows, M - m0);
           gemm.gemm(mr, kb, kc, gp + m0 * lda + n0, lda, wbuf.data(), xp + m0 * K + g0 * G, K, true);
         }
       }
