@@ -17,6 +17,14 @@ Tables on stdout (progress goes to stderr):
 * **backward**: ``qlinear_grad_input`` against the dense ``grad_y @ W``.
 * **adapter**: INT4 time with a random float32 (lora_A, lora_B) of rank r
   against the same call without, as an overhead percentage.
+* **bf16** (issue 18): INT4, for every shape and --bf16-m: our op with
+  float32 x, with bfloat16 x (the bf16 GEMM at M >= the small-M threshold
+  where the CPU has one: ``build_info()['cpu_bf16_gemm']``), with bfloat16 x
+  and that GEMM turned off (``_C.set_cpu_bf16_gemm(False)``: the float32
+  computation bf16 x ran before), F.linear in float32 and in bfloat16, and
+  torch's ``_weight_int4pack_mm_for_cpu`` (bfloat16 x), interleaved.
+* **bf16_backward**: ``qlinear_grad_input`` with bfloat16 grad_y (bf16 GEMM
+  on and off) against the dense bfloat16 ``grad_y @ W``, every shape.
 * **crossover**: time of the op (INT4 unless --crossover-bits) at M rows
   around the small-M threshold (``kSmallMThreshold`` in csrc/checks.h:
   below it the packed small-M kernel runs; at or above it blocks of W are
@@ -89,7 +97,7 @@ def _shapes(s: str) -> list[tuple[int, int]]:
     return out
 
 
-TABLES = ("forward", "backward", "adapter", "crossover")
+TABLES = ("forward", "backward", "adapter", "crossover", "bf16", "bf16_backward")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="on the first shape (default 1,2,4,8,12,16,24,32,48,64 and T-1, T for the built "
                         "threshold T)")
     p.add_argument("--crossover-bits", type=_int_list, default=[4], help="default 4")
+    p.add_argument("--bf16-m", type=_int_list, default=[16, 64, 128, 512],
+                   help="rows of x of the bf16 tables (default 16,64,128,512)")
     p.add_argument("--retries", type=int, default=None,
                    help="times a series is repeated when other processes used the CPUs meanwhile (default 3; "
                         "0 with --quick)")
@@ -384,6 +394,94 @@ def backward_cases(args, gen: torch.Generator) -> list[Case]:
     return cases
 
 
+def _bf16_gemm_off(fn):
+    """fn run with the bf16 GEMM turned off (bf16 x takes the float32 computation), then turned back on."""
+    def call(i):
+        qalora_ext._C.set_cpu_bf16_gemm(False)
+        try:
+            return fn(i)
+        finally:
+            qalora_ext._C.set_cpu_bf16_gemm(True)
+    return call
+
+
+def bf16_cases(args, gen: torch.Generator) -> list[Case]:
+    """Issue 18's table: INT4 G, float32 vs bfloat16 x, ours vs F.linear (both dtypes) vs torch's int4pack."""
+    G, bits = args.group_size, 4
+    cases = []
+    for n, k in args.shapes:
+        w = torch.randn(n, k, generator=gen) * 0.02
+        wf = float_copies(w)
+        wb = [t.to(torch.bfloat16) for t in float_copies(w.to(torch.bfloat16))]
+        qs, _ = quantized_copies(w, bits, G)
+        tiny, why = int4pack_copies(w, G, _timing.rotation_copies(n * k // 2 + n * (k // G) * 4))
+        if tiny is None:
+            print(f"[bench_cpu] {n}x{k} G{G}: torch's int4pack baseline unavailable ({why})", file=sys.stderr)
+        for m in args.bf16_m:
+            x = torch.randn(m, k, generator=gen)
+            xb = x.to(torch.bfloat16)
+
+            def ours32(i, x=x):
+                p, s, z = qs[i]
+                return ops.qlinear(x, p, s, z, bits=bits, group_size=G)
+
+            def ours16(i, xb=xb):
+                p, s, z = qs[i]
+                return ops.qlinear(xb, p, s, z, bits=bits, group_size=G)
+
+            def lin32(i, x=x):
+                return F.linear(x, wf[i])
+
+            def lin16(i, xb=xb):
+                return F.linear(xb, wb[i])
+
+            def int4pack(i, xb=xb, tiny=tiny):
+                packed, sz = tiny[i]
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, G, sz)
+
+            series = [(ours32, len(qs)), (ours16, len(qs)), (_bf16_gemm_off(ours16), len(qs)), (lin32, len(wf)),
+                      (lin16, len(wb))]
+            if tiny is not None:
+                series.append((int4pack, len(tiny)))
+
+            def finish(st, n=n, k=k, m=m):
+                names = ["ours_f32", "ours_bf16", "ours_bf16_gemm_off", "f_linear_f32", "f_linear_bf16", "int4pack"]
+                row = {"N": n, "K": k, "bits": bits, "group_size": G, "M": m}
+                row.update({name: s.as_dict() for name, s in zip(names, st)})
+                row.setdefault("int4pack", None)
+                return row
+
+            cases.append(Case("bf16", f"bf16 {n}x{k} int{bits} M={m}", m, series, finish))
+    return cases
+
+
+def bf16_backward_cases(args, gen: torch.Generator) -> list[Case]:
+    G, bits = args.group_size, 4
+    cases = []
+    for n, k in args.shapes:
+        w = torch.randn(n, k, generator=gen) * 0.02
+        wb = [t.to(torch.bfloat16) for t in float_copies(w.to(torch.bfloat16))]
+        qs, _ = quantized_copies(w, bits, G)
+        for m in args.bf16_m:
+            gy = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+
+            def ours(i, gy=gy):
+                p, s, z = qs[i]
+                return ops.qlinear_grad_input(gy, p, s, z, bits=bits, group_size=G)
+
+            def dense(i, gy=gy):
+                return gy @ wb[i]
+
+            def finish(st, n=n, k=k, m=m):
+                so, soff, sd = st
+                return {"N": n, "K": k, "bits": bits, "group_size": G, "M": m, "ours": so.as_dict(),
+                        "ours_gemm_off": soff.as_dict(), "dense": sd.as_dict()}
+
+            cases.append(Case("bf16_backward", f"bf16 grad_x {n}x{k} M={m}", m,
+                              [(ours, len(qs)), (_bf16_gemm_off(ours), len(qs)), (dense, len(wb))], finish))
+    return cases
+
+
 def measure_ceilings(args, gen: torch.Generator) -> dict:
     """Memory read bandwidth (sum of a 256 MB float32 tensor: 256 MB read per call) and the float32 GEMM
     rate (F.linear at M=128 on the first shape, weights rotated), medians of repeated calls."""
@@ -549,6 +647,55 @@ def backward_table(rows: list[dict]) -> str:
           f"{r['ours_over_dense']:.2f}", f"{r['spread']:.2f}x", busy(r)] for r in rows])
 
 
+def bf16_table(rows: list[dict]) -> str:
+    def t(r, key):
+        return ms(r[key]["median_s"]) if r.get(key) else ""
+
+    def ratio(r, num, den):
+        return f"{r[num]['median_s'] / r[den]['median_s']:.2f}" if r.get(num) and r.get(den) else ""
+
+    return _timing.markdown_table(
+        ["N x K", "M", "ours f32 x ms", "ours bf16 x ms", "ours bf16 x, bf16 GEMM off ms", "F.linear f32 ms",
+         "F.linear bf16 ms", "int4pack ms", "F.linear bf16 / ours bf16", "ours f32 / ours bf16",
+         "int4pack / ours bf16", "spread", BUSY],
+        [[f"{r['N']}x{r['K']}", r["M"], t(r, "ours_f32"), t(r, "ours_bf16"), t(r, "ours_bf16_gemm_off"),
+          t(r, "f_linear_f32"), t(r, "f_linear_bf16"), t(r, "int4pack"), ratio(r, "f_linear_bf16", "ours_bf16"),
+          ratio(r, "ours_f32", "ours_bf16"), ratio(r, "int4pack", "ours_bf16"), f"{r['spread']:.2f}x", busy(r)]
+         for r in rows])
+
+
+def bf16_backward_table(rows: list[dict]) -> str:
+    return _timing.markdown_table(
+        ["N x K", "M", "grad_input bf16 ms", "bf16 GEMM off ms", "grad_y @ W bf16 ms", "dense / ours", "spread",
+         BUSY],
+        [[f"{r['N']}x{r['K']}", r["M"], ms(r["ours"]["median_s"]), ms(r["ours_gemm_off"]["median_s"]),
+          ms(r["dense"]["median_s"]), f"{r['dense']['median_s'] / r['ours']['median_s']:.2f}",
+          f"{r['spread']:.2f}x", busy(r)] for r in rows])
+
+
+def bf16_target_summary(results: dict) -> list[str]:
+    """Issue 18's targets: speeds as ratios (> target: PASS)."""
+    lines = []
+
+    def check(name, value, target):
+        lines.append(f"- {name}: {value:.2f}x (target >= {target:g}x) {'PASS' if value >= target else 'MISS'}")
+
+    for r in results.get("bf16", []):
+        shape = f"{r['N']}x{r['K']} M={r['M']}"
+        speed = r["f_linear_bf16"]["median_s"] / r["ours_bf16"]["median_s"]
+        if r["M"] == 128:
+            check(f"{shape} bf16 x: ours vs F.linear bf16", speed, 0.7)
+        if r["M"] == 512:
+            check(f"{shape} bf16 x: ours vs F.linear bf16", speed, 0.8)
+            check(f"{shape} bf16 x: ours vs our float32 path", r["ours_f32"]["median_s"] / r["ours_bf16"]["median_s"],
+                  2.0)
+    for r in results.get("bf16_backward", []):
+        if r["M"] == 512:
+            check(f"{r['N']}x{r['K']} M=512 grad_input bf16 vs dense bf16 grad_y @ W",
+                  r["dense"]["median_s"] / r["ours"]["median_s"], 0.8)
+    return lines
+
+
 def target_summary(results: dict) -> list[str]:
     """Issue 4's targets against this run: one line each, PASS or MISS (only those this run measured)."""
     G = results["config"]["group_size"]
@@ -640,6 +787,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     info = _timing.machine_info(qalora_ext=qalora_ext.__version__,
                                 cpu_isa=qalora_ext.build_info()["cpu_isa_active"],
+                                cpu_bf16_gemm=qalora_ext.build_info()["cpu_bf16_gemm"],
                                 small_m_threshold=int(qalora_ext._C.SMALL_M_THRESHOLD))
     info.update(build_id())
 
@@ -654,6 +802,10 @@ def main(argv=None) -> int:
         cases += backward_cases(args, gen)
     if "adapter" in args.tables:
         cases += adapter_cases(args, gen)
+    if "bf16" in args.tables:
+        cases += bf16_cases(args, gen)
+    if "bf16_backward" in args.tables:
+        cases += bf16_backward_cases(args, gen)
     if "crossover" in args.tables:
         for b in args.crossover_bits:
             cases += crossover_cases(args, gen, b)
@@ -666,6 +818,8 @@ def main(argv=None) -> int:
     results["forward"] = [r for r in rows if r["table"] == "forward"]
     results["backward"] = [r for r in rows if r["table"] == "backward"]
     results["adapter"] = [r for r in rows if r["table"] == "adapter"]
+    results["bf16"] = [r for r in rows if r["table"] == "bf16"]
+    results["bf16_backward"] = [r for r in rows if r["table"] == "bf16_backward"]
     results["crossover"] = [crossover_summary([r for r in rows if r["table"] == f"crossover{b}"])
                             for b in args.crossover_bits if "crossover" in args.tables]
     results["wall_s"] = time.perf_counter() - t0
@@ -691,6 +845,13 @@ def main(argv=None) -> int:
     if results["adapter"]:
         out += ["", "## adapter overhead (INT4; lora_A (r, K/G), lora_B (N, r) float32)", "",
                 adapter_table(results["adapter"])]
+    if results["bf16"]:
+        out += ["", f"## bfloat16 x (issue 18; INT4 G{args.group_size}; bf16 GEMM: "
+                    f"{qalora_ext.build_info()['cpu_bf16_gemm']}; ratios > 1: ours bf16 faster)", "",
+                bf16_table(results["bf16"])]
+    if results["bf16_backward"]:
+        out += ["", "## bfloat16 grad_input (issue 18; INT4) vs dense bfloat16 grad_y @ W", "",
+                bf16_backward_table(results["bf16_backward"])]
     for c in results["crossover"]:
         out += ["", f"## small-M / large-M crossover (INT{c['bits']} {c['N']}x{c['K']}; built threshold "
                     f"{c['threshold_built']}: the op runs the small-M kernel for M < {c['threshold_built']})", "",
@@ -701,6 +862,9 @@ def main(argv=None) -> int:
     summary = target_summary(results)
     if summary:
         out += ["", "## issue 4 targets in this run", ""] + summary
+    summary18 = bf16_target_summary(results)
+    if summary18:
+        out += ["", "## issue 18 targets in this run", ""] + summary18
     load = "?" if load0 is None else f"{load0:.2f}"
     out += ["", f"wall time {results['wall_s']:.0f} s; load average at start {load}; CPU time of other processes "
                 f"during the run {whole['foreign_cpu_s']} s (retries and waits included), stolen by the host "
