@@ -487,6 +487,7 @@ def run(args) -> dict:
         argv = _worker_argv(args, folder, data)
         machine = _timing.machine_info(qalora_ext=qalora_ext.__version__,
                                        cpu_isa=qalora_ext.build_info().get("cpu_isa_active"),
+                                       bf16_gemm=qalora_ext.build_info().get("cpu_bf16_gemm"),
                                        bf16_units=_bf16_units())
         log(f"{folder.name}: {', '.join(configs)}; {args.warmup} warm-up + {args.steps} timed steps of "
             f"{args.batch_size} x {args.seq_len} tokens each, in lockstep")
@@ -604,9 +605,9 @@ def report(results: dict) -> str:
         f"# Fine-tune on the CPU: {results['model']}, ours INT{s['bits']} G{s['group_size']} vs PEFT LoRA",
         "",
         f"Command: `{results['command']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"qalora_ext {m['qalora_ext']} (CPU kernels {m['cpu_isa']}), bf16 units: {'yes' if m['bf16_units'] else 'no'}"
-        f"  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (threads per worker: {results['rows'][0]['threads']}"
+        f"), qalora_ext {m['qalora_ext']} (CPU kernels {m['cpu_isa']}, bf16 GEMM {m.get('bf16_gemm')}), "
+        f"bf16 units: {'yes' if m['bf16_units'] else 'no'}  ",
         f"Date: {results['date']}; {s['batch_size']} x {s['seq_len']} tokens a step, r {s['rank']}, alpha "
         f"{s['alpha']:g}, dropout 0, all 7 projections, AdamW lr {s['lr']:g}, {s['warmup']} warm-up + {s['steps']} "
         f"timed steps per configuration, the configurations in lockstep (one step each in turn); each configuration "

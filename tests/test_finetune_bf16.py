@@ -110,16 +110,19 @@ class _OpDtypes(TorchDispatchMode):
         return [c for c in self.calls if any(f in c[0] for f in fragments)]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_bf16_autocast_runs_packed_layers_attention_and_head_in_bf16(fresh_seed, attn):
+@pytest.mark.parametrize("attn, checkpointing", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_bf16_autocast_runs_packed_layers_attention_and_head_in_bf16(fresh_seed, attn, checkpointing):
     """Under the trainer's autocast nothing that should be bf16 silently runs float32: the packed layers (forward
-    and grad_input), attention (forward and backward) and the tied head take bf16; the only float32 matmuls are the
-    adapters' own (shapes with the rank in them)."""
+    and grad_input), attention (forward and backward) and the tied head take bf16, also in the forward that
+    activation checkpointing recomputes; the only float32 matmuls are the adapters' own (shapes with the rank)."""
     model = tiny_quantized(fresh_seed)
     model.config._attn_implementation = attn
     data = TokenDataset({"input_ids": markov_tokens(fresh_seed % 1000, 4)})
     with _OpDtypes() as ops:
-        finetune(model, data, steps=1, batch_size=4, autocast=torch.bfloat16, progress=False)
+        finetune(model, data, steps=1, batch_size=4, autocast=torch.bfloat16, gradient_checkpointing=checkpointing,
+                 progress=False)
+    forwards = [c for c in ops.calls if c[0] == "qalora::qlinear"]
+    assert len(forwards) == (2 if checkpointing else 1) * 14  # checkpointing runs the blocks' forward twice
 
     packed = ops.named("qalora::qlinear")
     assert {n for n, _, _ in packed} == {"qalora::qlinear", "qalora::qlinear_grad_input"}
@@ -134,7 +137,7 @@ def test_bf16_autocast_runs_packed_layers_attention_and_head_in_bf16(fresh_seed,
 
     if attn == "sdpa":
         attention = ops.named("scaled_dot_product")
-        assert len(attention) == 2 * 2  # forward and backward of each layer
+        assert len(attention) == (3 if checkpointing else 2) * 2  # forward (again) and backward of each layer
     else:
         attention = [c for c in matmuls if len(c[2][0]) == 3 and RANK not in c[2][0]]  # q k^T and p v, batched
         assert len(attention) >= 2 * 2
