@@ -18,7 +18,8 @@ How it measures:
 - Each configuration runs in a fresh worker process of its own (this script with ``--worker NAME``), so the peak
   resident memory it reports is its own: ``training peak`` is VmHWM read after the last step, reset through
   ``/proc/self/clear_refs`` just before the first one (model, adapters, optimizer state, activations, allocator
-  caches: what training holds); ``process peak`` is ru_maxrss (loading included).
+  caches: what training holds); ``loading peak`` is VmHWM just before that reset (building and quantizing the
+  model).
 - The workers load first, then run in lockstep: one worker runs one optimizer step while the others wait, round
   after round, so the drift of a shared machine hits every configuration alike (the ratios of one process, the
   memory of separate ones).
@@ -205,6 +206,7 @@ class _Pacer:
         self.times: list[float] = []
         self.start: Optional[float] = None
         self.peak_reset = False
+        self.load_peak_kb: Optional[int] = None
         self.peak_kb: Optional[int] = None
         self.profiler: Optional[_Profile] = None
         self.profiling = False
@@ -212,6 +214,7 @@ class _Pacer:
 
     def pre_hook(self, module, args) -> None:
         if self.index == 0:
+            self.load_peak_kb = _status_kb("VmHWM")  # loading's peak, before the reset
             self.peak_reset = _reset_peak_rss()
         if sys.stdin.readline().strip() != "go":
             sys.exit(0)  # the parent is gone or gave up
@@ -259,7 +262,7 @@ def run_worker(args) -> int:
     result = train.finetune(model, dataset, steps=timed + (1 if args.profile else 0), batch_size=args.batch_size,
                             lr=args.lr, seed=args.seed, autocast=autocast, progress=False, loss_plot=False)
     done = {"step_s": pacer.times[:timed], "losses": result.losses[:timed], "train_peak_kb": pacer.peak_kb,
-            "process_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+            "load_peak_kb": pacer.load_peak_kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     if pacer.profiler is not None:
         done["profile"] = pacer.profiler.breakdown()
     _emit("done", **done)
@@ -531,7 +534,7 @@ def run(args) -> dict:
         rows.append({"config": name, "label": CONFIGS[name], "median_step_s": med, "min_step_s": min(timed),
                      "max_step_s": max(timed), "tokens_per_s": tokens / med, "step_s": times,
                      "train_peak_mib": _mib(done[name]["train_peak_kb"]),
-                     "process_peak_mib": _mib(done[name]["process_peak_kb"]),
+                     "load_peak_mib": _mib(done[name]["load_peak_kb"]),
                      "rss_after_load_mib": _mib(ready[name]["rss_after_load_kb"]),
                      "frozen_weight_mib": ready[name]["frozen_weight_bytes"] / 2**20,
                      "trainable_params": ready[name]["trainable_params"],
@@ -615,14 +618,14 @@ def report(results: dict) -> str:
         "",
     ]
     headers = ["configuration", "median step s", "min-max s", "tokens/s", "vs ours fp32", "training peak MiB",
-               "process peak MiB", "frozen weights MiB", "adapters", "loss first -> last"]
+               "loading peak MiB", "frozen weights MiB", "adapters", "loss first -> last"]
     base = next((r for r in results["rows"] if r["config"] == "ours-fp32"), None)
     rows = []
     for r in results["rows"]:
         rows.append([r["label"], f"{r['median_step_s']:.3f}", f"{r['min_step_s']:.2f}-{r['max_step_s']:.2f}",
                      f"{r['tokens_per_s']:.0f}",
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-",
-                     _fmt(r["train_peak_mib"], ".0f"), _fmt(r["process_peak_mib"], ".0f"),
+                     _fmt(r["train_peak_mib"], ".0f"), _fmt(r["load_peak_mib"], ".0f"),
                      f"{r['frozen_weight_mib']:.1f}", "/".join(r["adapter_dtypes"]),
                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"])
     lines += [_timing.markdown_table(headers, rows), ""]

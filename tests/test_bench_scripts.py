@@ -64,7 +64,8 @@ def test_bench_finetune_cpu_quick_runs_each_configuration_in_its_own_worker(tmp_
         assert len(r["step_s"]) == 1 + 2 and all(t > 0 for t in r["step_s"]), r  # the profiled step is not in it
         assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["median_step_s"])
         assert r["adapter_dtypes"] == ["float32"] and r["trainable_params"] > 0
-        assert r["train_peak_mib"] is None or 0 < r["train_peak_mib"] <= r["process_peak_mib"] + 1
+        assert r["train_peak_mib"] is None or r["train_peak_mib"] > 0
+        assert r["load_peak_mib"] > 0
     if has_peft:
         ours, theirs = res["rows"]
         assert ours["first_loss"] == pytest.approx(theirs["first_loss"], rel=0.05)  # same data, untrained adapters
