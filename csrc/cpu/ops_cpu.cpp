@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -56,14 +57,16 @@ at::Tensor group_sums_of(const at::Tensor& x2d, int64_t group_size) {
 }
 
 // Blocking of the bf16 GEMM paths (bench/bench_cpu.py, 4096 x 4096, AMX).
-// Forward: W~ rows per dequantized block (K x 128 bf16, 1 MB at K = 4096,
+// Forward: W~ rows per dequantized block (K x 128 bf16 at most 1 MB, so it
 // stays in L2 while the rows of x pass over it; 256 rows ran 2x slower) and
 // rows of x per GEMM call. grad_input contracts over the rows of W~: blocks
 // of kBf16GradCols columns (whole groups) x kBf16GradRows rows, the float32
 // accumulators (kBf16GradCallRows x kBf16GradCols) updated once per row block
 // (64-column x 4096-row blocks, and 256 x 256, ran at half the dense GEMM's
 // speed: x, or gx, re-read too often).
-constexpr int64_t kBf16BlockRows = 128;
+int64_t bf16_block_rows(int64_t K) {
+  return std::max<int64_t>(32, std::min<int64_t>(128, ((int64_t{1} << 19) / K) / 16 * 16));  // K x rows bf16 <= 1 MB
+}
 constexpr int64_t kBf16CallRows = 256;
 constexpr int64_t kBf16GradCols = 1024;
 constexpr int64_t kBf16GradRows = 512;
@@ -268,7 +271,11 @@ void qlinear_dequant_gemm(const cpu::KernelTable& k, const PackedView& w, const 
 // in the GEMM's operand layout and multiplies x (bf16) by them with float32
 // accumulation into y (float32); the bias is added per block, the adapter
 // after, both in float32, and the caller rounds y once. Tasks own disjoint
-// columns of y: the result does not depend on the thread count.
+// columns of y: the result does not depend on the thread count. Each thread
+// takes the next block when it finishes one (not a fixed share): on a machine
+// shared with other jobs, a thread that loses its core no longer holds up the
+// call with half of the blocks; a block's arithmetic is the same whichever
+// thread runs it.
 void qlinear_bf16_gemm(const cpu::KernelTable& k, const cpu::Bf16Gemm& gemm, const PackedView& w,
                        const at::Tensor& xb, const at::Tensor& bias, const at::Tensor& u, const at::Tensor& B,
                        at::Tensor& y) {
@@ -276,11 +283,13 @@ void qlinear_bf16_gemm(const cpu::KernelTable& k, const cpu::Bf16Gemm& gemm, con
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t nblocks = (N + kBf16BlockRows - 1) / kBf16BlockRows;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> wbuf(static_cast<size_t>(K / 2 * kBf16BlockRows));
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n0 = blk * kBf16BlockRows, n1 = std::min(N, n0 + kBf16BlockRows), nb = n1 - n0;
+  const int64_t rows = bf16_block_rows(K);
+  const int64_t nblocks = (N + rows - 1) / rows;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(nblocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    std::vector<uint32_t> wbuf(static_cast<size_t>(K / 2 * rows));
+    for (int64_t blk = next.fetch_add(1); blk < nblocks; blk = next.fetch_add(1)) {
+      const int64_t n0 = blk * rows, n1 = std::min(N, n0 + rows), nb = n1 - n0;
       k.dequantize_bf16_kpairs(w, wbuf.data(), n0, n1);
       for (int64_t m0 = 0; m0 < M; m0 += kBf16CallRows) {
         const int64_t mr = std::min(kBf16CallRows, M - m0);
@@ -396,9 +405,10 @@ void grad_input_bf16_gemm(const cpu::KernelTable& k, const cpu::Bf16Gemm& gemm, 
   const int64_t groups_per_block = std::max<int64_t>(1, kBf16GradCols / G);
   const int64_t nblocks = (L + groups_per_block - 1) / groups_per_block;
   const int64_t rows = std::min(kBf16GradRows, N);
-  at::parallel_for(0, nblocks, 1, [&](int64_t c0, int64_t c1) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(nblocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<uint32_t> wbuf(static_cast<size_t>((rows + 1) / 2 * groups_per_block * G));
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t c = next.fetch_add(1); c < nblocks; c = next.fetch_add(1)) {
       const int64_t g0 = c * groups_per_block, g1 = std::min(L, g0 + groups_per_block), kb = (g1 - g0) * G;
       for (int64_t n0 = 0; n0 < N; n0 += rows) {
         const int64_t n1 = std::min(N, n0 + rows), kc = (n1 - n0 + 1) / 2 * 2;
