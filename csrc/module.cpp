@@ -37,6 +37,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SMALL_M_THRESHOLD") = qalora::kSmallMThreshold;
   m.attr("SMALL_M_THRESHOLD_GRAD") = qalora::kSmallMThresholdGrad;
   m.attr("GEMV_MAX_M") = qalora::cpu::kGemvMaxM;
+  m.attr("SMALL_M_THRESHOLD_BF16") = qalora::cpu::kBf16GemmMinM;  // bf16 x: the bf16 GEMM from here, if any
 #if defined(QALORA_CUDA_KERNELS)
   m.attr("WITH_CUDA") = true;
   m.attr("CUDA_GEMV_MAX_M") = qalora::cuda::kGemvMaxM;

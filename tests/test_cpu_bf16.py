@@ -44,8 +44,9 @@ GROUPS = (32, 64, 128)
 T = _C.SMALL_M_THRESHOLD
 TG = _C.SMALL_M_THRESHOLD_GRAD
 GEMV = _C.GEMV_MAX_M
-# forward: decode kernel | small-M packed kernel | bf16 GEMM
-ROWS = (1, GEMV, GEMV + 1, T - 1, T, 3 * T + 5)
+TB = _C.SMALL_M_THRESHOLD_BF16  # bf16 x: the bf16 GEMM from here on (float32 GEMM only from T)
+# forward: decode kernel | small-M packed kernel | bf16 GEMM (float32 path from T when it is off)
+ROWS = tuple(sorted({1, GEMV, GEMV + 1, TB - 1, TB, T - 1, T, 3 * T + 5}))
 # grad_input: packed kernel | bf16 GEMM
 GRAD_ROWS = (1, TG - 1, TG, 2 * T + 3)
 ISAS = [i for i in ("scalar", "avx2", "avx512", "avx512vnni") if i in _C.compiled_cpu_isas().split(",")]
@@ -109,7 +110,7 @@ def test_forward_bf16_within_bf16_rounding(isa, bits, group_size, m):
     _forward_case(bits, group_size, m)
 
 
-@pytest.mark.parametrize("m", (GEMV + 1, T, 3 * T + 5))
+@pytest.mark.parametrize("m", (GEMV + 1, TB, T, 3 * T + 5))
 @pytest.mark.parametrize("n", (37, 130))  # row counts that leave a tail of every row block
 def test_forward_bf16_with_pool_mask_and_odd_rows(isa, m, n):
     _forward_case(3, 64, m, n=n, with_mask=True)

@@ -56,6 +56,20 @@ at::Tensor group_sums_of(const at::Tensor& x2d, int64_t group_size) {
   return sums;
 }
 
+// The float32 result rounded once to the output dtype. A small bf16 output
+// (the small-M paths: at most kMaxSmallM rows) is rounded in one serial
+// loop: ATen's copy splits 64K elements over the threads, and on a machine
+// shared with other jobs that fork/join cost 20 ms at M = 16 (profiled),
+// more than the kernel. Same rounding as torch's (nearest even).
+at::Tensor to_output_dtype(const at::Tensor& y, at::ScalarType dtype) {
+  if (dtype != at::kBFloat16 || y.numel() > (int64_t{1} << 20)) return y.to(dtype);
+  auto out = at::empty(y.sizes(), y.options().dtype(at::kBFloat16));
+  const float* src = y.data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t i = 0, n = y.numel(); i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
+  return out;
+}
+
 // Blocking of the bf16 GEMM paths (bench/bench_cpu.py, 4096 x 4096, AMX).
 // Forward: W~ rows per dequantized block (K x 128 bf16 at most 1 MB, so it
 // stays in L2 while the rows of x pass over it; 256 rows ran 2x slower) and
@@ -331,7 +345,7 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
   // bfloat16 x: read in place by the small-M kernels; at large M multiplied
   // in bf16 where this CPU has a bf16 GEMM (cpu/bf16_gemm.h), else in float32.
   const bool x_bf16 = x.scalar_type() == at::kBFloat16 && !int8_activations;
-  const cpu::Bf16Gemm* bf16_gemm = x_bf16 && M >= kSmallMThreshold ? cpu::bf16_gemm() : nullptr;
+  const cpu::Bf16Gemm* bf16_gemm = x_bf16 && M >= cpu::kBf16GemmMinM ? cpu::bf16_gemm() : nullptr;
   const bool keep_bf16 = x_bf16 && (M < kSmallMThreshold || bf16_gemm);
   auto x2 = keep_bf16 ? x.reshape({M, K}).contiguous() : x.reshape({M, K}).to(at::kFloat).contiguous();
   const auto cw = contiguous_weight(packed, scale, zero, bits, group_size);
@@ -367,7 +381,7 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
       qlinear_rows(k, w, M, args);
     }
   }
-  return y.reshape(out_shape).to(x.scalar_type());
+  return to_output_dtype(y, x.scalar_type()).reshape(out_shape);
 }
 
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -479,7 +493,7 @@ at::Tensor qlinear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& 
       gx.addmm_(gy.narrow(1, n0, n1 - n0), wb);
     }
   }
-  return gx.reshape(out_shape).to(grad_out.scalar_type());
+  return to_output_dtype(gx, grad_out.scalar_type()).reshape(out_shape);
 }
 
 }  // namespace
