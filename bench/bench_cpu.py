@@ -421,18 +421,18 @@ def bf16_cases(args, gen: torch.Generator) -> list[Case]:
             x = torch.randn(m, k, generator=gen)
             xb = x.to(torch.bfloat16)
 
-            def ours32(i, x=x):
+            def ours32(i, x=x, qs=qs):
                 p, s, z = qs[i]
                 return ops.qlinear(x, p, s, z, bits=bits, group_size=G)
 
-            def ours16(i, xb=xb):
+            def ours16(i, xb=xb, qs=qs):
                 p, s, z = qs[i]
                 return ops.qlinear(xb, p, s, z, bits=bits, group_size=G)
 
-            def lin32(i, x=x):
+            def lin32(i, x=x, wf=wf):
                 return F.linear(x, wf[i])
 
-            def lin16(i, xb=xb):
+            def lin16(i, xb=xb, wb=wb):
                 return F.linear(xb, wb[i])
 
             def int4pack(i, xb=xb, tiny=tiny):
@@ -465,11 +465,11 @@ def bf16_backward_cases(args, gen: torch.Generator) -> list[Case]:
         for m in args.bf16_m:
             gy = torch.randn(m, n, generator=gen).to(torch.bfloat16)
 
-            def ours(i, gy=gy):
+            def ours(i, gy=gy, qs=qs):
                 p, s, z = qs[i]
                 return ops.qlinear_grad_input(gy, p, s, z, bits=bits, group_size=G)
 
-            def dense(i, gy=gy):
+            def dense(i, gy=gy, wb=wb):
                 return gy @ wb[i]
 
             def finish(st, n=n, k=k, m=m):
