@@ -62,7 +62,7 @@ at::Tensor group_sums_of(const at::Tensor& x2d, int64_t group_size) {
 // shared with other jobs that fork/join cost 20 ms at M = 16 (profiled),
 // more than the kernel. Same rounding as torch's (nearest even).
 at::Tensor to_output_dtype(const at::Tensor& y, at::ScalarType dtype) {
-  if (dtype != at::kBFloat16 || y.numel() > (int64_t{1} << 20)) return y.to(dtype);
+  if (dtype != at::kBFloat16 || y.numel() > (int64_t{1} << 20) || !y.is_contiguous()) return y.to(dtype);
   auto out = at::empty(y.sizes(), y.options().dtype(at::kBFloat16));
   const float* src = y.data_ptr<float>();
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
@@ -281,7 +281,7 @@ void qlinear_dequant_gemm(const cpu::KernelTable& k, const PackedView& w, const 
 }
 
 // Large M, bfloat16 x, a bf16 GEMM on this CPU (SPEC "16-bit activations"):
-// each task dequantizes blocks of kBf16BlockRows rows of W~ straight to bf16
+// each task dequantizes blocks of bf16_block_rows(K) rows of W~ straight to bf16
 // in the GEMM's operand layout and multiplies x (bf16) by them with float32
 // accumulation into y (float32); the bias is added per block, the adapter
 // after, both in float32, and the caller rounds y once. Tasks own disjoint
