@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if common.rank() == 0:
         out = save_model(lm, tokenizer, args.out)
         last = result.losses[-1] if result.losses else float("nan")
-        print(f"[qalora] trained {result.steps_done} steps, final loss {last:.4f}, "
-              f"{result.tokens_per_second:.0f} tokens/s; model with adapters written to {out}"
+        print(f"[qalora] trained {result.steps_done} steps ({'bf16 autocast' if autocast else 'float32'}), "
+              f"final loss {last:.4f}, {result.tokens_per_second:.0f} tokens/s; model with adapters written to {out}"
               + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
     return 0
 
