@@ -52,11 +52,15 @@ def test_every_command_is_a_module_with_its_arguments_and_its_run():
 
 def test_shared_flags_have_one_declaration_and_one_set_of_defaults():
     parser = cli.build_parser()
-    quant = {"bits": 3, "group_size": 32, "method": "rtn", "scale_dtype": "float16", "zero_dtype": "float32",
+    quant = {"bits": 3, "group_size": 32, "scale_dtype": "float16", "zero_dtype": "float32",
              "calib_samples": 128, "calib_seq_len": 256}
-    for argv in (["quantize", "--out", "x"], ["finetune", "--out", "x"], ["demo"]):
+    # GPTQ where the command has calibration text (finetune's data, the demo's corpus); quantize stays RTN.
+    for argv, method in ((["quantize", "--out", "x"], "rtn"), (["finetune", "--out", "x"], "gptq"),
+                         (["demo"], "gptq")):
         args = vars(parser.parse_args(argv))
         assert {k: args[k] for k in quant} == quant, argv
+        assert args["method"] == method, argv
+        assert vars(parser.parse_args(argv + ["--method", "rtn"]))["method"] == "rtn"
     ev, dm = parser.parse_args(["eval"]), parser.parse_args(["demo"])
     assert (ev.windows, ev.window) == (16, 512)
     assert (dm.windows, dm.window) == (8, 512)  # the demo's own default, given to the shared helper
@@ -65,6 +69,24 @@ def test_shared_flags_have_one_declaration_and_one_set_of_defaults():
     assert helps["eval"]["windows"] == "evaluation windows (default 16)"
     assert helps["demo"]["windows"] == "evaluation windows (default 8)"
     assert helps["eval"]["window"] == helps["demo"]["window"]
+
+
+def test_trainable_quant_flags_say_what_they_train():
+    parser = cli.build_parser()
+    subs = _subparsers(parser)
+    for name in ("finetune", "demo"):
+        helps = {a.dest: (a.option_strings, a.help) for a in subs[name]._actions}
+        assert helps["train_scales"][0] == ["--train-scales"] and "scales" in helps["train_scales"][1]
+        assert helps["train_zeros"][0] == ["--train-zeros"] and "zeros" in helps["train_zeros"][1]
+        assert "learning rate of the trained scales and zeros" in helps["quant_lr"][1]
+        assert "0: no adapter" in helps["rank"][1]
+        args = parser.parse_args([name] + (["--out", "x"] if name == "finetune" else []))
+        assert (args.train_scales, args.train_zeros, args.quant_lr) == (None, None, None)
+        args = parser.parse_args([name, "--train-scales", "--train-zeros", "--quant-lr", "3e-3", "--rank", "0"]
+                                 + (["--out", "x"] if name == "finetune" else []))
+        assert (args.train_scales, args.train_zeros, args.quant_lr, args.rank) == (True, True, 3e-3, 0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--quant-lr", "0"])
 
 
 def test_quant_options_are_plain_keyword_arguments_of_loading_quantize():
@@ -97,7 +119,8 @@ def test_run_demo_takes_plain_arguments(tiny_dir, tmp_path, capsys):
     from qalora_ext.demo import DemoResult, run_demo
 
     result = run_demo(tiny_dir, bits=4, steps=2, batch_size=2, seq_len=32, rank=4, windows=2, window=32,
-                      prompt="hi", out=tmp_path / "demo")
+                      prompt="hi", out=tmp_path / "demo", calib_samples=4, calib_seq_len=32, train_scale=True,
+                      quant_lr=1e-3)
     assert isinstance(result, DemoResult)
     assert all(math.isfinite(p) for p in (result.source_perplexity, result.quantized_perplexity,
                                           result.merged_perplexity))
@@ -106,7 +129,7 @@ def test_run_demo_takes_plain_arguments(tiny_dir, tmp_path, capsys):
     assert sum(isinstance(m, QuantLinear) and m.bits == 4 for m in merged.modules()) == 14
     assert not any(isinstance(m, QALoRALinear) for m in merged.modules())
     out = capsys.readouterr().out
-    assert "QA-LoRA demo: llama, INT4 G32 (RTN), rank 4, 2 steps" in out
+    assert "QA-LoRA demo: llama, INT4 G32 (GPTQ), rank 4, 2 steps" in out  # GPTQ: the default base
     assert "(2 windows x 32 tokens of Python's pydoc topics)" in out
     assert set(result.phases.times) >= {"load source model", "merge and save", "generate"}
 

@@ -2,9 +2,11 @@
 
 Default: SmolLM2-135M-Instruct, INT3 with groups of 32 (at INT4 G32 the
 quantized model IS the source: its projections come from GGUF Q4_1, which is
-that format), RTN base, 40 steps of QA-LoRA on the training part of Python's
-documentation, merged into the zeros, saved, reloaded from disk, evaluated on
-the held-out part and asked a question.
+that format), a GPTQ base calibrated on the training part of Python's
+documentation, 40 steps of QA-LoRA on that same part (optionally also
+training the layers' own scales and zeros), merged into the stored scales and
+zeros, saved, reloaded from disk, evaluated on the held-out part and asked a
+question.
 
 :func:`run_demo` takes plain arguments, prints as it goes and returns a
 :class:`DemoResult`.
@@ -54,7 +56,8 @@ class Phases:
 
 @dataclass
 class DemoResult:
-    """What :func:`run_demo` measured. ``adapter_lost``: the largest fraction of an adapter lost at merge."""
+    """What :func:`run_demo` measured. ``adapter_lost``: the largest fraction of a layer's trained change
+    (adapter, and trained scales / zeros) lost to storage rounding at merge."""
 
     model_name: str
     label: str
@@ -75,17 +78,21 @@ class DemoResult:
         return (self.quantized_perplexity - self.merged_perplexity) / max(gap, 1e-9)
 
 
-def run_demo(model: Optional[str] = None, *, bits: int = 3, group_size: int = 32, method: str = "rtn",
+def run_demo(model: Optional[str] = None, *, bits: int = 3, group_size: int = 32, method: str = "gptq",
              scale_dtype: torch.dtype = torch.float16, zero_dtype: torch.dtype = torch.float32,
              calib_samples: int = 128, calib_seq_len: int = 256, steps: int = 40, batch_size: int = 4,
              seq_len: int = 256, rank: int = 16, alpha: float = 16.0, lr: float = 1e-3, seed: int = 0,
+             train_scale: bool = False, train_zero: bool = False, quant_lr: Optional[float] = None,
              windows: int = 8, window: int = 512, prompt: str = DEFAULT_PROMPT,
              out: str = "runs/demo") -> DemoResult:
     """Quantize ``model`` (default SmolLM2), fine-tune QA-LoRA adapters, merge, save, reload, evaluate, generate.
 
     Prints each phase with its time and a summary at the end; perplexities
     are measured on ``windows`` windows of ``window`` tokens of the held-out
-    part of Python's pydoc topics (the adapters train on the rest).
+    part of Python's pydoc topics (the adapters train on the rest, which also
+    calibrates GPTQ). ``train_scale`` / ``train_zero``: also train each
+    layer's per-group scales / zeros (learning rate ``quant_lr``, default
+    ``lr``); ``rank=0`` trains those alone.
     """
     from . import generation, loading
     from .checkpoint import load_quantized
@@ -102,7 +109,8 @@ def run_demo(model: Optional[str] = None, *, bits: int = 3, group_size: int = 32
                                     seed=seed)
     ppl_quant = _perplexity(phases, "quantized", "quantized", lm, tokenizer, heldout_text, eval_kw)
     losses = _finetune(phases, lm, tokenizer, steps=steps, batch_size=batch_size, seq_len=seq_len, rank=rank,
-                       alpha=alpha, lr=lr, seed=seed)
+                       alpha=alpha, lr=lr, seed=seed, train_scale=train_scale, train_zero=train_zero,
+                       quant_lr=quant_lr)
     saved, lost = _merge_and_save(phases, lm, tokenizer, out)
     del lm
     gc.collect()
@@ -150,16 +158,17 @@ def _perplexity(phases: Phases, phase: str, short: str, lm, tokenizer, text: str
 
 
 def _finetune(phases: Phases, lm, tokenizer, *, steps: int, batch_size: int, seq_len: int, rank: int,
-              alpha: float, lr: float, seed: int) -> list:
+              alpha: float, lr: float, seed: int, train_scale: bool = False, train_zero: bool = False,
+              quant_lr: Optional[float] = None) -> list:
     from .model import add_adapters
     from .training import data, finetune
 
     with phases(f"fine-tune ({steps} steps x {batch_size} x {seq_len} tokens)"):
         torch.manual_seed(seed)
-        add_adapters(lm, rank=rank, alpha=alpha)
+        add_adapters(lm, rank=rank, alpha=alpha, train_scale=train_scale, train_zero=train_zero)
         dataset = data.load_training_data(None, tokenizer, seq_len)
         result = finetune.finetune(lm, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                   output_dir=None, progress=True, loss_plot=False)
+                                   output_dir=None, progress=True, loss_plot=False, quant_lr=quant_lr)
     print(f"[qalora]   loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, "
           f"{result.tokens_per_second:.0f} tokens/s")
     return result.losses
@@ -173,8 +182,8 @@ def _merge_and_save(phases: Phases, lm, tokenizer, out) -> tuple[Path, float]:
         report = merge_adapters(lm)
         saved = save_model(lm, tokenizer, out)
     lost = max(report.values())
-    print(f"[qalora]   {len(report)} adapters merged; largest fraction lost to zero rounding {lost:.1e}; "
-          f"written to {saved}")
+    print(f"[qalora]   {len(report)} adapters merged; largest fraction of a layer's trained change lost to "
+          f"storage rounding {lost:.1e}; written to {saved}")
     return saved, lost
 
 
@@ -189,7 +198,7 @@ def _print_summary(r: DemoResult, *, bits: int, rank: int, steps: int, windows: 
     print(f"    quantized {r.label:<16}{r.quantized_perplexity:10.2f}")
     print(f"    fine-tuned, merged        {r.merged_perplexity:10.2f}   "
           + (f"({100 * gap:.0f}% of the quantization gap closed)" if math.isfinite(gap) else ""))
-    print(f"  adapter lost to zero rounding at merge: {r.adapter_lost:.1e} (largest layer)")
+    print(f"  trained change lost to storage rounding at merge: {r.adapter_lost:.1e} (largest layer)")
     print(f"  merged INT{bits} model: {r.out}  (qalora_ext.load_quantized or `qalora generate --model {r.out}`)")
     print(f"  prompt: {prompt}")
     print(f"  reply:  {r.reply}")
