@@ -395,3 +395,24 @@ def test_full_adapters_passes_over_rank_0_layers():
     model, _ = _model(0, True, True)
     with full_adapters(model) as m:  # unsharded: nothing to gather, and no AttributeError on lora_A None
         assert m is model
+
+
+def test_finetune_resume_refuses_other_trained_quantities(tmp_path, fresh_seed):
+    from qalora_ext.training.data import TokenDataset
+    from qalora_ext.training.finetune import finetune
+
+    ds = TokenDataset({"input_ids": torch.randint(0, 256, (4, 16))})
+    kw = dict(batch_size=2, lr=1e-2, save_every=1, progress=False, loss_plot=False)
+
+    def model(**flags):
+        m = make_tiny_llama(256, hidden=64, intermediate=128, layers=1)
+        quantize_model(m, bits=4, group_size=32, progress=False)
+        return add_adapters(m, rank=2, alpha=4, **flags)
+
+    finetune(model(), ds, steps=1, output_dir=tmp_path / "plain", **kw)
+    with pytest.raises(ValueError, match=r"quant_parameters: checkpoint None, now \['dscale'\]"):
+        finetune(model(train_scale=True), ds, steps=2, output_dir=tmp_path / "plain", resume=True, **kw)
+    finetune(model(), ds, steps=2, output_dir=tmp_path / "plain", resume=True, **kw)  # as before
+    finetune(model(train_zero=True), ds, steps=1, output_dir=tmp_path / "z", **kw)
+    with pytest.raises(ValueError, match=r"quant_parameters: checkpoint \['dzero'\], now None"):
+        finetune(model(), ds, steps=2, output_dir=tmp_path / "z", resume=True, **kw)

@@ -444,6 +444,10 @@ def finetune(
         "lr": float(lr),
         "weight_decay": float(weight_decay),
         "quant_lr": float(quant_lr) if quant_lr is not None else None,
+        # None without them, so checkpoints written before they existed still resume; a resume that
+        # would train them where the checkpoint did not (or not where it did) is refused.
+        "quant_parameters": sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters()
+                                    if p.requires_grad and n.rsplit(".", 1)[-1] in QUANT_PARAMETER_NAMES}) or None,
         "warmup_steps": warmup_steps,
         "max_grad_norm": None if not max_grad_norm else float(max_grad_norm),
         "num_examples": len(dataset),
