@@ -90,9 +90,10 @@ class _ShardedQuantLinearMixin:
                     f"MixedPrecisionPolicy(param_dtype=...) casts packed layers' stored tensors; leave param_dtype "
                     f"None and use torch.autocast")
 
-    def forward(self, x, adapter=None):
+    def forward(self, x, adapter=None, **computed):
+        # computed: scale= / zero= that QALoRALinear passes when it trains dscale / dzero.
         self._check_stored_dtypes()
-        return super().forward(x, adapter)
+        return super().forward(x, adapter, **computed)
 
 
 _STORED_DTYPES = (torch.int32, torch.float16, torch.bfloat16, torch.float32)
@@ -430,13 +431,13 @@ def load_quantized_sharded(directory: Union[str, os.PathLike], mesh=None, *, dev
     if not has_saved_adapters:
         add_adapters(model, rank=16 if rank is None else rank, alpha=alpha, dropout=dropout,
                      train_scale=bool(train_scale), train_zero=bool(train_zero))
+        wrapped = {n for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
     else:
         layers = [m for m in model.modules() if isinstance(m, QALoRALinear)]
         for flag, on in (("train_scale", train_scale), ("train_zero", train_zero)):
             if on and not all(getattr(m, flag) for m in layers):
                 raise ValueError(f"load_quantized_sharded: {flag}=True, but {directory} holds adapters trained "
                                  f"without it; it applies to new adapters (a checkpoint without adapters)")
-        wrapped = {n for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
     kept_keys = {n for n, b in model.named_buffers() if not b.is_meta}
     _check_ties(model, tied, directory)
     device = torch.device(device)
