@@ -416,3 +416,19 @@ def test_finetune_resume_refuses_other_trained_quantities(tmp_path, fresh_seed):
     finetune(model(train_zero=True), ds, steps=1, output_dir=tmp_path / "z", **kw)
     with pytest.raises(ValueError, match=r"quant_parameters: checkpoint \['dzero'\], now None"):
         finetune(model(), ds, steps=2, output_dir=tmp_path / "z", resume=True, **kw)
+
+
+def test_transformers_from_pretrained_loads_them_trainable(tmp_path):
+    import qalora_ext.interop.hf  # noqa: F401  (registers quant_method qalora_ext with transformers)
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _model(0, True, True)
+    ids = torch.randint(0, 320, (2, 9))
+    want = _logits(model, ids)
+    out = qalora_ext.save_quantized(model, tmp_path / "q")
+    hf = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert torch.equal(_logits(hf, ids), want)
+    trained = {n for n, p in hf.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in model.named_parameters() if p.requires_grad} and trained
+    for n, m in _layers(model).items():
+        assert torch.equal(hf.get_submodule(n).dscale, m.dscale)
