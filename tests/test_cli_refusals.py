@@ -149,3 +149,16 @@ def test_rank_0_trains_scales_and_zeros_and_merge_folds_them(quantized_dir, tmp_
         assert not torch.equal(q.scale, m.base.scale) and not torch.equal(q.zero, m.base.zero)
         want_scale, want_zero, _ = m.merged_scale_zero()
         assert torch.equal(q.scale, want_scale) and torch.equal(q.zero, want_zero)
+
+
+def test_init_residual_needs_the_float_model(quantized_dir, tmp_path, capsys):
+    """A quantized --model has no float weights to fit to: refused before any work, whatever else is asked."""
+    for extra in ([], ["--resume"], ["--fsdp"]):
+        out = tmp_path / "ft"
+        assert cli.main(["finetune", "--model", str(quantized_dir), "--out", str(out), "--steps", "1",
+                         "--init", "residual"] + extra) == 2
+        err = capsys.readouterr().err
+        assert "--init residual fits the adapters to the quantization error W - W~, which needs the float " \
+               "weights" in err
+        assert f"{quantized_dir} is already quantized" in err
+        assert not out.exists()

@@ -121,8 +121,10 @@ def add_quant_args(p: argparse.ArgumentParser, note: str = "", method: str = "rt
     g.add_argument("--scale-dtype", choices=DTYPES, default="float16", help="storage of the scales (default float16)")
     g.add_argument("--zero-dtype", choices=DTYPES, default="float32",
                    help="storage of the zeros (default float32: a merged adapter survives exactly)")
-    g.add_argument("--calib-samples", type=int, default=128, help="GPTQ: calibration sequences (default 128)")
-    g.add_argument("--calib-seq-len", type=int, default=256, help="GPTQ: tokens per calibration sequence (default 256)")
+    g.add_argument("--calib-samples", type=int, default=128,
+                   help="GPTQ and --init residual: calibration sequences (default 128)")
+    g.add_argument("--calib-seq-len", type=int, default=256,
+                   help="GPTQ and --init residual: tokens per calibration sequence (default 256)")
 
 
 def quant_options(args: argparse.Namespace) -> dict:
@@ -146,6 +148,41 @@ def add_trainable_quant_args(t, lr_flag: str = "--lr") -> None:
     t.add_argument("--quant-lr", type=positive_float, default=None, metavar="LR",
                    help=f"learning rate of the trained scales and zeros (their own AdamW group, no weight decay; "
                         f"default: {lr_flag})")
+
+
+INIT_CHOICES = ("zero", "residual")
+
+
+def add_init_arg(t, note: str = "") -> None:
+    """``--init {zero,residual}``: where the trained quantities start (read by :func:`residual_start`)."""
+    t.add_argument("--init", choices=INIT_CHOICES, default="zero",
+                   help="start of the trained quantities. zero (default, SPEC): adapter B = 0 and dscale = dzero = 0, "
+                        "so training begins at the quantized model. residual: right after quantizing, fit the "
+                        "adapter (or, with --train-zeros, the zeros; with --train-scales also the scales) to each "
+                        "layer's quantization error W - W~ (float minus quantized weight), least squares weighted "
+                        "by the layer's inputs on the calibration text (--calib-samples x --calib-seq-len, as GPTQ "
+                        "uses); prints the layers' mean relative output error before -> after" + note)
+
+
+def residual_start(lm, source, calibration, progress: bool = True) -> dict:
+    """``--init residual``: :func:`qalora_ext.quantize.residual_fit.fit_quantization_residual` of ``lm``'s
+    adapted layers to ``source`` (the float model that was quantized) on the calibration batches, with a
+    one-line summary; returns the per-layer report."""
+    from ..nn import QALoRALinear
+    from ..quantize.residual_fit import fit_quantization_residual
+
+    report = fit_quantization_residual(lm, source, calibration, progress=progress)
+    layer = next(m for m in lm.modules() if isinstance(m, QALoRALinear))
+    fitted = [name for name, present in (("adapter", layer.lora_A is not None and layer.dzero is None),
+                                         ("zeros", layer.dzero is not None), ("scales", layer.dscale is not None))
+              if present]
+    before = sum(r["before"] for r in report.values()) / len(report)
+    after = sum(r["after"] for r in report.values()) / len(report)
+    what = "output error on the calibration text" if calibration is not None else "weight error"
+    if rank() == 0:
+        print(f"[qalora] --init residual: {' and '.join(fitted)} of {len(report)} layers fitted to the quantization "
+              f"error; mean relative {what} {before:.4f} -> {after:.4f}", flush=True)
+    return report
 
 
 def check_rank(rank: int, train_scales, train_zeros) -> None:

@@ -11,8 +11,9 @@ NAME = "demo"
 HELP = "the whole job, timed: quantize, fine-tune, merge, evaluate, generate"
 DESCRIPTION = ("Quantize SmolLM2 (or --model; GPTQ by default, calibrated on the training text), measure held-out "
                "perplexity, fine-tune QA-LoRA adapters (and with --train-scales / --train-zeros the layers' own "
-               "scales and zeros), merge them into the stored scales and zeros, save, reload, measure again and "
-               "generate. Prints the time of each phase.")
+               "scales and zeros; --init residual starts them at the fit of the quantization error instead of "
+               "zero), merge them into the stored scales and zeros, save, reload, measure again and generate. "
+               "Prints the time of each phase.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=16, help="default 16")
     p.add_argument("--lr", type=float, default=1e-3, help="default 1e-3")
     common.add_trainable_quant_args(p)
+    common.add_init_arg(p, note="; the demo keeps the float model it measured for this (released before training)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     # Half of `qalora eval`'s windows: the demo measures perplexity three times (source, quantized, merged) and
     # is meant to finish in minutes on a laptop CPU.
@@ -40,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
     run_demo(args.model, **common.quant_options(args), steps=args.steps, batch_size=args.batch_size,
              seq_len=args.seq_len, rank=args.rank, alpha=args.alpha, lr=args.lr, seed=args.seed,
              train_scale=bool(args.train_scales), train_zero=bool(args.train_zeros), quant_lr=args.quant_lr,
-             windows=args.windows, window=args.window, prompt=args.prompt, out=args.out)
+             init=args.init, windows=args.windows, window=args.window, prompt=args.prompt, out=args.out)
     return 0

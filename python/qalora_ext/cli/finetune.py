@@ -12,8 +12,10 @@ HELP = "train QA-LoRA adapters on a quantized model"
 DESCRIPTION = ("Train QA-LoRA adapters (and, with --train-scales / --train-zeros, the quantized layers' own per-group "
                "scales and zeros; --rank 0 trains those alone). --model may be a quantized folder (from `qalora "
                "quantize`) or a float model, quantized first with the quantization options (GPTQ by default, "
-               "calibrated on the --data text file or the default corpus's training part). Runs under `torchrun "
-               "--nproc-per-node N` for data-parallel training (only the trained parameters are synchronised).")
+               "calibrated on the --data text file or the default corpus's training part). --init residual starts "
+               "the trained quantities at the least-squares fit of the quantization error instead of zero (float "
+               "--model only). Runs under `torchrun --nproc-per-node N` for data-parallel training (only the "
+               "trained parameters are synchronised).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +44,9 @@ def _add_training_args(t) -> None:
     t.add_argument("--dropout", type=float, default=None, help="dropout on the pooled input (default 0)")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     common.add_trainable_quant_args(t)
+    common.add_init_arg(t, note=". Only with a float --model (a quantized folder no longer holds the float weights "
+                                "to fit to); a --resume that finds a checkpoint continues from its trained state "
+                                "and skips the fit")
     t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
     t.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     t.add_argument("--batch-size", type=int, default=4, help="sequences per step and process (default 4)")
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     common.refuse_overwriting_input(args.out, args.model, args.data)
     _adapter_settings(args)
+    _init_settings(args)
     device = training_device(args.device)
     autocast = {"none": None, "bf16": torch.bfloat16}[args.autocast or ("bf16" if device.type == "cuda" else "none")]
     if args.fsdp:
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     # The data first: a bad --data file is reported before minutes of quantization.
     tokenizer = loading.load_tokenizer(loading.resolve_model(args.model))
     dataset = data.load_training_data(args.data, tokenizer, args.seq_len, max_examples=args.max_examples)
-    lm, tokenizer = _training_model(args, len(dataset) * args.seq_len)
+    lm, tokenizer = _training_model(args, len(dataset) * args.seq_len, device)
     lm.to(device)
     result = finetune.finetune(
         lm, dataset, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -185,20 +191,47 @@ def _adapter_settings(args: argparse.Namespace) -> None:
     common.check_rank(args.rank, args.train_scales, args.train_zeros)
 
 
-def _training_model(args: argparse.Namespace, data_tokens: int = 0):
+def _init_settings(args: argparse.Namespace) -> None:
+    """``--init residual`` needs the float weights: refused for a quantized --model (before any work); a
+    resume that finds a checkpoint takes the trained state from it, so the fit is skipped (said so).
+    Sets ``args.fit_residual``."""
+    args.fit_residual = False
+    if getattr(args, "init", "zero") != "residual":
+        return
+    from .. import loading
+    from ..training.finetune import latest_checkpoint
+
+    if loading.is_quantized_checkpoint(loading.resolve_model(args.model)):
+        raise ValueError(f"--init residual fits the adapters to the quantization error W - W~, which needs the "
+                         f"float weights W; {args.model} is already quantized (its float weights are gone): give "
+                         f"the float model as --model (it is quantized first), or drop --init residual")
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if ckpt is not None:
+        print(f"[qalora] --resume continues from {ckpt}, which holds the trained state: --init residual (a "
+              f"start) is not applied", flush=True)
+        return
+    args.fit_residual = True
+
+
+def _training_model(args: argparse.Namespace, data_tokens: int = 0, device=None):
     """The model to fine-tune: a quantized checkpoint as is, or a float model quantized now (GPTQ calibrated
-    on the --data text when it holds ``data_tokens`` > --calib-seq-len tokens)."""
+    on the --data text when it holds ``data_tokens`` > --calib-seq-len tokens); with --init residual the new
+    adapters are then fitted (on ``device``) to the quantization error on that same calibration text."""
     from .. import loading
     from ..model import add_adapters, freeze_all_but_adapters
 
     from ..nn import QALoRALinear
 
+    fit_residual = getattr(args, "fit_residual", False)
     folder = loading.resolve_model(args.model)
+    calib_text = None
     if loading.is_quantized_checkpoint(folder):
         lm, tokenizer, _ = loading.load_model(folder)
     else:
+        if args.method == "gptq" or fit_residual:
+            calib_text = _calibration_text(args, data_tokens)
         lm, tokenizer, _ = loading.quantize(folder, **common.quant_options(args), seed=args.seed,
-                                            calib_text=_calibration_text(args, data_tokens))
+                                            calib_text=calib_text)
     if common.has_adapters(lm):
         layers = [m for m in lm.modules() if isinstance(m, QALoRALinear)]
         for flag, attr in (("--train-scales", "train_scale"), ("--train-zeros", "train_zero")):
@@ -213,17 +246,41 @@ def _training_model(args: argparse.Namespace, data_tokens: int = 0):
         torch.manual_seed(args.seed)  # the adapters' init: a rerun with the same --seed is the same run
         add_adapters(lm, rank=args.rank, alpha=args.alpha, dropout=args.dropout, train_scale=args.train_scales,
                      train_zero=args.train_zeros)
+        if fit_residual:
+            _fit_residual(lm, tokenizer, folder, calib_text, args, device)
     return lm, tokenizer
 
 
+def _fit_residual(lm, tokenizer, folder, calib_text, args: argparse.Namespace, device) -> None:
+    """--init residual: the float model is read again (the streaming quantization never held it whole), used
+    for the fit and let go; the calibration batches are GPTQ's (same text, sizes and seed)."""
+    import gc
+
+    from .. import loading
+    from ..quantize.calibration import calibration_batches
+
+    calibration = calibration_batches(tokenizer, calib_text, args.calib_samples, args.calib_seq_len, seed=args.seed)
+    # In the dtype the folder stores (the values the quantizer read; half the memory of float32 for a bf16 model).
+    config = loading.read_model_config(folder)
+    stored = config.get("dtype") or config.get("torch_dtype")
+    source, _, _ = loading.load_model(folder, **({"dtype": common.dtype(stored)} if stored in common.DTYPES else {}))
+    if device is not None:
+        lm.to(device)
+    try:
+        common.residual_start(lm, source, calibration, progress=common.rank() == 0)
+    finally:
+        del source
+        gc.collect()
+
+
 def _calibration_text(args: argparse.Namespace, data_tokens: int):
-    """GPTQ's calibration text: the --data text file (what the model is tuned for), else None (the default
-    corpus's training part). A .jsonl file of instruction pairs is not plain text, and a text shorter than
-    one calibration window cannot calibrate: None, said so."""
-    if args.method != "gptq" or args.data is None or str(args.data).endswith(".jsonl"):
+    """GPTQ's (and --init residual's) calibration text: the --data text file (what the model is tuned for), else
+    None (the default corpus's training part). A .jsonl file of instruction pairs is not plain text, and a text
+    shorter than one calibration window cannot calibrate: None, said so."""
+    if args.data is None or str(args.data).endswith(".jsonl"):
         return None
     if data_tokens <= args.calib_seq_len:
-        print(f"[qalora] {args.data} holds fewer tokens than one GPTQ calibration window (--calib-seq-len "
+        print(f"[qalora] {args.data} holds fewer tokens than one calibration window (--calib-seq-len "
               f"{args.calib_seq_len}): calibrating on the default corpus's training part", flush=True)
         return None
     with open(args.data, encoding="utf-8") as f:
