@@ -20,11 +20,12 @@ calibration (``H = I``):
   ``P^T H P`` (an SVD), written into ``A``, ``B`` so that ``s B A / G`` is it;
 * scales and zeros: per group, the 2 x 2 least-squares fit on the group's own
   block of ``H`` (cross-group terms dropped), then the zeros refit exactly
-  given the scales.
+  given the scales; kept only where it beats the zeros alone (scales without
+  zeros: the best step along that fit).
 
 A small ridge (``damp`` times the mean diagonal, as GPTQ damps) keeps the
-systems well posed. The fitted start never increases the calibration loss of
-the layer's output (a least-squares fit that includes the zero start), but a
+systems well posed. The fitted start never increases the (damped) calibration
+loss of the layer's output (each candidate includes the zero start), but a
 model-level gain is what the measurements decide (``bench/reproduce_paper.py``);
 SPEC's zero start stays the default everywhere.
 """
@@ -117,26 +118,51 @@ def fit_layer_residual(layer: QALoRALinear, weight: torch.Tensor, hessian: Optio
         return math.sqrt(max((r @ h * r).sum().item(), 0.0) / max((w @ h * w).sum().item(), 1e-300))
 
     before = err(torch.zeros_like(e))
-    ds = torch.zeros(base.out_features, base.in_features // G, dtype=torch.float64, device=e.device)
+    has_zero = layer.dzero is not None or layer.lora_A is not None
+
+    def with_zeros(ds):
+        """(total D, what to write) for scales ``ds``: the zeros' part refit exactly on what is left."""
+        d_scale = ds.repeat_interleave(G, dim=1) * q
+        if not has_zero:
+            return d_scale, (ds, None, None)
+        z, c = _fit_zeros(e - d_scale, h, G, damp)
+        if layer.dzero is not None:
+            return d_scale + z.repeat_interleave(G, dim=1), (ds, z, None)
+        b, a, z_r = _low_rank(layer, z, c)
+        return d_scale + z_r.repeat_interleave(G, dim=1), (ds, None, (b, a))
+
+    # Candidates: the zeros alone (exact), and the scales' blockwise fit (which ignores
+    # cross-group terms of H, so it is kept only where it does better; without zeros
+    # it is first scaled by the best step along it, which never increases the error).
+    zeros_shape = (base.out_features, base.in_features // G)
+    candidates = [with_zeros(torch.zeros(zeros_shape, dtype=torch.float64, device=e.device))]
     if layer.dscale is not None:
-        ds = _fit_scales_blockwise(e, q, h, G, with_zeros=layer.dzero is not None or layer.lora_A is not None)
-    d_scale = ds.repeat_interleave(G, dim=1) * q
-    z, c = _fit_zeros(e - d_scale, h, G, damp)
-    if layer.dzero is not None:
-        layer.dzero.copy_(z.to(layer.dzero))
-        fitted_zero = z
-    elif layer.lora_A is not None:
-        fitted_zero = _write_low_rank(layer, z, c)
-    else:
-        fitted_zero = torch.zeros_like(z)
+        ds = _fit_scales_blockwise(e, q, h, G, with_zeros=has_zero)
+        if not has_zero:
+            dq = ds.repeat_interleave(G, dim=1) * q
+            hd = dq if h is None else dq @ h
+            denom = (dq * hd).sum().item()
+            ds = ds * (max((e * hd).sum().item() / denom, 0.0) if denom > 0 else 0.0)
+        candidates.append(with_zeros(ds))
+    errors = [err(d) for d, _ in candidates]
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    ds, z, ab = candidates[best][1]
     if layer.dscale is not None:
         layer.dscale.copy_(ds.to(layer.dscale))
-    after = err(d_scale + fitted_zero.repeat_interleave(G, dim=1))
-    return {"before": before, "after": after}
+    if z is not None:
+        layer.dzero.copy_(z.to(layer.dzero))
+    if ab is not None:
+        b, a = ab
+        layer.lora_A.zero_()
+        layer.lora_A[:a.shape[0]].copy_(a.to(layer.lora_A))
+        layer.lora_B.zero_()
+        layer.lora_B[:, :b.shape[1]].copy_(b.to(layer.lora_B))
+    return {"before": before, "after": errors[best]}
 
 
-def _write_low_rank(layer: QALoRALinear, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Best rank-r fit of Z in the metric C (``min ||(Z - Z_r) C^1/2||``), written as ``s B A / G = Z_r``."""
+def _low_rank(layer: QALoRALinear, z: torch.Tensor, c: torch.Tensor) -> tuple:
+    """Best rank-r fit ``Z_r`` of Z in the metric C (``min ||(Z - Z_r) C^1/2||``), as (B, A, Z_r) with
+    ``s B A / G = Z_r``."""
     r, s, G = layer.rank, layer.scaling, layer.group_size
     evals, evecs = torch.linalg.eigh(c)
     evals = evals.clamp_min(evals.max() * 1e-12)
@@ -148,11 +174,7 @@ def _write_low_rank(layer: QALoRALinear, z: torch.Tensor, c: torch.Tensor) -> to
     b = u[:, :r] * root  # (N, r)
     a = (root[:, None] * vh[:r]) @ c_inv_half  # (r, L)
     # s B A / G = Z_r  ->  B = b * G / s (A keeps its scale, so its gradient scale stays PEFT-like).
-    layer.lora_A.zero_()
-    layer.lora_A[:r].copy_(a.to(layer.lora_A))
-    layer.lora_B.zero_()
-    layer.lora_B[:, :r].copy_((b * G / s).to(layer.lora_B))
-    return b @ a
+    return b * G / s, a, b @ a
 
 
 def _fit_scales_blockwise(e, q, h, G, with_zeros: bool):
