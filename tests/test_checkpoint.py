@@ -99,7 +99,7 @@ def test_roundtrip_into_fresh_float_model(tmp_path, bits, adapters):
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "qalora_ext" and qc["format_version"] == qe.format.FORMAT_VERSION
+    assert qc["quant_method"] == "qalora_ext" and qc["format_version"] == 1  # nothing that needs version 2
     assert (qc["bits"], qc["group_size"], qc["packed_layout"]) == (bits, 32, 1)
     assert (qc["scale_dtype"], qc["zero_dtype"]) == ("float16", "float32")
     assert set(qc["modules"]) == {"up", "mid", "down"}

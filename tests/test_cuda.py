@@ -649,6 +649,46 @@ def test_autograd_through_the_adapter_layer():
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("bits,group_size", [(3, 32), (4, 128), (2, 64)])
+def test_dscale_dzero_gradients_on_cuda(dtype, bits, group_size):
+    """Trained scales and zeros (SPEC "Trainable quantization parameters") on CUDA: grad dscale =
+    sum_{k in g} q (gy^T x), grad dzero = gy^T xsum (float32, every forward path by M) against
+    reference.quant_param_grads in float64 at the inputs the kernels saw; the output and grad_x against the
+    float64 layer with scale + dscale, zero + dzero."""
+    n, k = 96, 256
+    lin = torch.nn.Linear(k, n)
+    mod = QALoRALinear(QuantLinear.from_linear(lin, bits=bits, group_size=group_size), rank=4, alpha=8,
+                       train_scale=True, train_zero=True).cuda()
+    with torch.no_grad():
+        mod.lora_B.normal_(0, 0.05)
+        mod.dscale.normal_(0, 1e-3)
+        mod.dzero.normal_(0, 1e-3)
+    assert mod.dscale.is_cuda and mod.dscale.dtype == torch.float32
+    codes = mod.base.codes().cpu()
+    scale = mod.base.scale.cpu().double() + mod.dscale.detach().cpu().double()
+    zero = mod.base.zero.cpu().double() + mod.dzero.detach().cpu().double()
+    W = reference.dequantize(codes, scale, zero, group_size)
+    for m in (2, 40, 300):  # GEMV, tensor-core (16-bit x) and cuBLAS forwards
+        mod.zero_grad()
+        x = torch.randn(m, k, device=DEV).to(dtype).requires_grad_()
+        y = mod(x)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        assert mod.dscale.grad.dtype == mod.dzero.grad.dtype == torch.float32
+        assert mod.dscale.grad.is_cuda and mod.dzero.grad.is_cuda
+        gs, gz = reference.quant_param_grads(x.detach().cpu(), gy.cpu(), codes, group_size)
+        for got, want in ((mod.dscale.grad, gs), (mod.dzero.grad, gz)):
+            err = ((got.double().cpu() - want).norm() / want.norm()).item()
+            assert err <= 1e-5, (m, err)
+        A, B = mod.lora_A.detach().cpu(), mod.lora_B.detach().cpu()
+        ref_y = reference.qlinear(x.detach().cpu(), W, mod.base.bias.cpu(), A, B, None, mod.scaling, group_size)
+        assert rel_err(y, ref_y, x, W, k) <= tol(dtype, k, y.numel())
+        gx = reference.qlinear_grad_input(gy.cpu(), W, A, B, None, mod.scaling, group_size)
+        assert rel_err(x.grad, gx, gy, W, n) <= tol(dtype, n, x.numel())
+
+
+@needs_gpu
 def test_int8_activations_flag_keeps_the_float_kernels_on_cuda():
     lin = torch.nn.Linear(128, 64)
     q = QuantLinear.from_linear(lin, bits=4, group_size=32).cuda()

@@ -171,6 +171,24 @@ def test_two_ranks_equal_one_process_shard_memory_and_resume_after_kill(quantize
         assert (tmp_path / "split" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
 
 
+def test_two_ranks_train_scales_and_zeros_alone(quantized_folder, tmp_path):
+    """`qalora finetune --fsdp --rank 0 --train-scales --train-zeros` on two ranks: dscale / dzero sharded by
+    rows, gathered whole into the adapter written at the end, equal to one process on the same global batch."""
+    root = quantized_folder
+    _torchrun([0, "--model", root / "q", "--fsdp", "--data", root / "data.txt", "--seq-len", SEQ, "--max-examples",
+               8, "--steps", 2, "--batch-size", BATCH, "--rank", 0, "--train-scales", "--train-zeros", "--lr", LR,
+               "--quant-lr", 1e-3, "--out", tmp_path / "run"])
+    lm, tok, _ = loading.load_model(root / "q")
+    qalora_ext.add_adapters(lm, rank=0, train_scale=True, train_zero=True)
+    ds = data.load_training_data(str(root / "data.txt"), tok, SEQ, max_examples=8)
+    finetune(lm, ds, steps=2, batch_size=2 * BATCH, lr=LR, quant_lr=1e-3, progress=False)
+    want = _adapters(lm)
+    assert want and all(k.endswith((".dscale", ".dzero")) for k in want)
+    other, _, _ = loading.load_model(root / "q")
+    load_adapter(other, tmp_path / "run")
+    assert _rel(_adapters(other), want) <= 1e-5
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     if dist.is_initialized():
@@ -244,6 +262,35 @@ def test_sharded_model_forward_refusals_and_bf16_checkpointed_training(one_rank_
     other = _tiny(1)
     load_adapter(other, r_sh.checkpoint)
     assert _rel(_adapters(other), _adapters(ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("rank", [4, 0])
+def test_sharded_training_of_scales_and_zeros(one_rank_group, tmp_path, rank):
+    """dscale / dzero (rank 0: alone) train under FSDP2 as unsharded, and its checkpoints hold them whole."""
+    import transformers
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=128)
+        model = transformers.LlamaForCausalLM(config)
+        qalora_ext.quantize_model(model, bits=3, group_size=32, progress=False)
+        return qalora_ext.add_adapters(model, rank=rank, alpha=8, train_scale=True, train_zero=True)
+
+    ref, model = tiny(3), tiny(3)
+    qfsdp.shard_model(model)
+    ds = data.TokenDataset({"input_ids": torch.randint(0, 256, (8, 16))})
+    kw = dict(steps=2, batch_size=4, lr=1e-2, quant_lr=1e-3, progress=False)
+    r_ref = finetune(ref, ds, **kw)
+    r_sh = finetune(model, ds, fsdp=True, output_dir=tmp_path / "run", **kw)
+    assert r_sh.losses == pytest.approx(r_ref.losses, rel=1e-5)
+    other = tiny(4)
+    load_adapter(other, r_sh.checkpoint)
+    want = _adapters(ref)
+    assert any(k.endswith(".dscale") for k in want) and any(k.endswith(".dzero") for k in want)
+    assert all(want[k].abs().sum() > 0 for k in want if k.endswith((".dscale", ".dzero")))
+    assert _rel(_adapters(other), want) <= 1e-5
 
 
 def test_mixed_precision_applied_outside_is_caught_in_forward(one_rank_group):

@@ -291,12 +291,12 @@ def test_integer_input_is_refused_and_meta_runs():
 
 
 def test_frozen_buffers_that_require_grad_are_refused():
-    """scale.requires_grad = True would silently get a None gradient: refused, naming the tensor."""
+    """scale.requires_grad = True on the stored buffer is refused, naming the tensor (dscale/dzero train instead)."""
     torch.manual_seed(16)
     q = QuantLinear.from_linear(nn.Linear(64, 16), bits=4, group_size=32)
     for name in ("scale", "zero"):
         getattr(q, name).requires_grad_(True)
-        with pytest.raises(ValueError, match=f"qlinear: {name} requires grad, but the packed weight is frozen"):
+        with pytest.raises(ValueError, match=f"qlinear: {name} requires grad, but the stored {name}s are frozen buffers"):
             q(torch.randn(3, 64))
         getattr(q, name).requires_grad_(False)
     q(torch.randn(3, 64))

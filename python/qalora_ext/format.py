@@ -25,8 +25,20 @@ LAYOUT_CANONICAL = 1
 KNOWN_LAYOUTS = {LAYOUT_CANONICAL: "row-bitstream-v1"}
 SUPPORTED_BITS = (2, 3, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
-FORMAT_VERSION = 1
-"""Version of the checkpoint format written by :mod:`qalora_ext.checkpoint`."""
+FORMAT_VERSION = 2
+"""Newest version of the checkpoint format :mod:`qalora_ext.checkpoint` reads and writes.
+
+1: codes, scales, zeros, adapters (``lora_A``, ``lora_B``).
+2: adds trainable quantization parameters (``dscale``, ``dzero``, recorded as
+   ``train_scale`` / ``train_zero`` in each adapter entry) and ``rank`` 0 (no
+   ``lora_A`` / ``lora_B``). A checkpoint is written with the lowest version
+   that holds what it contains (:data:`FORMAT_VERSION_TRAINABLE_QUANT` only
+   when it has any of them), so readers of version 1 still read everything
+   else and refuse these by version, naming it, instead of misreading them.
+"""
+
+FORMAT_VERSION_TRAINABLE_QUANT = 2
+"""The format version a checkpoint with ``dscale`` / ``dzero`` or a rank-0 adapter is written with."""
 
 
 def check_bits(bits) -> None:

@@ -165,12 +165,17 @@ def add_adapters(
     dropout: float = 0.0,
     use_rslora: bool = False,
     target_modules: TargetModules = None,
+    *,
+    train_scale: bool = False,
+    train_zero: bool = False,
 ) -> nn.Module:
     """Wrap quantized layers in ``QALoRALinear`` adapters, in place.
 
     ``target_modules=None``: every ``QuantLinear``. Everything else in the
     model is frozen (``requires_grad=False``), so the adapters are its only
-    trainable parameters.
+    trainable parameters. ``train_scale`` / ``train_zero`` also train each
+    layer's per-group scales / zeros (float32 ``dscale`` / ``dzero``, SPEC
+    "Trainable quantization parameters"); ``rank=0`` trains those alone.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and _matches(n, target_modules)]
     # A QuantLinear already inside an adapter is not wrapped twice.
@@ -183,14 +188,17 @@ def add_adapters(
         raise ValueError("add_adapters: no quantized layer matched; call quantize_model first"
                          + (f" (target_modules={target_modules!r})" if target_modules is not None else ""))
     for name in names:
-        set_module(model, name, QALoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora))
+        set_module(model, name, QALoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora,
+                                             train_scale=train_scale, train_zero=train_zero))
     freeze_all_but_adapters(model)
     return model
 
 
 def freeze_all_but_adapters(model: nn.Module) -> nn.Module:
-    """``requires_grad`` only on the adapters' ``lora_A`` / ``lora_B`` (QA-LoRA trains nothing else)."""
-    adapter_params = {id(p) for m in model.modules() if isinstance(m, QALoRALinear) for p in (m.lora_A, m.lora_B)}
+    """``requires_grad`` only on the adapters' parameters (``lora_A``, ``lora_B``, and ``dscale`` / ``dzero``
+    where turned on); QA-LoRA trains nothing else."""
+    adapter_params = {id(p) for m in model.modules() if isinstance(m, QALoRALinear)
+                      for p in m.trainable_parameters().values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in adapter_params)
     return model

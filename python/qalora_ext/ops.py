@@ -273,10 +273,11 @@ def kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _wants_grad(x: torch.Tensor, adapter: Optional[PooledAdapter]) -> bool:
+def _wants_grad(x: torch.Tensor, adapter: Optional[PooledAdapter], *tensors: torch.Tensor) -> bool:
     if not torch.is_grad_enabled():
         return False
-    return x.requires_grad or (adapter is not None and (adapter.lora_A.requires_grad or adapter.lora_B.requires_grad))
+    return (x.requires_grad or any(t.requires_grad for t in tensors)
+            or (adapter is not None and (adapter.lora_A.requires_grad or adapter.lora_B.requires_grad)))
 
 
 def packed_linear(
@@ -296,6 +297,9 @@ def packed_linear(
 
     The policy lives here and nowhere else: x runs in :func:`kernel_dtype`;
     the output has x's dtype (under autocast, the autocast dtype: SPEC);
+    ``scale`` and ``zero`` may be computed tensors that require grad (the
+    stored ones plus trainable ``dscale``/``dzero``: SPEC "Trainable
+    quantization parameters"), and then get their gradients;
     ``int8_activations`` takes :func:`qlinear_int8` only for CPU forward
     passes that need no gradient (it has none), else :func:`qlinear`. The
     layer validated bits, group size and shapes when it was built, and the
@@ -304,7 +308,7 @@ def packed_linear(
     dtype = kernel_dtype(x)
     xk = x if x.dtype == dtype else x.to(dtype)
     op = _ops.qlinear
-    if int8_activations and x.device.type == "cpu" and not _wants_grad(x, adapter):
+    if int8_activations and x.device.type == "cpu" and not _wants_grad(x, adapter, scale, zero):
         op = _ops.qlinear_int8
     if adapter is None:
         y = op(xk, packed, scale, zero, bias, None, None, None, 1.0, bits, group_size, layout)
@@ -478,12 +482,16 @@ def _qlinear_grad_input_fake(grad_out, packed, scale, zero, lora_A, lora_B, pool
 
 def _qlinear_setup_context(ctx, inputs, output):
     x, packed, scale, zero, bias, lora_A, lora_B, pool_mask, scaling, bits, group_size, layout = inputs
-    for name, t in (("packed", packed), ("scale", scale), ("zero", zero)):
-        if t.requires_grad:
-            # Autograd would hand back None for it silently (SPEC: the codes, scales
-            # and zeros are frozen buffers).
-            raise ValueError(f"qlinear: {name} requires grad, but the packed weight is frozen (it gets no gradient); "
-                             f"train the adapter (lora_A, lora_B) instead, and leave {name}.requires_grad False")
+    if packed.requires_grad:
+        raise ValueError("qlinear: packed requires grad, but the codes are frozen (integers get no gradient); "
+                         "leave packed.requires_grad False")
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t.requires_grad and t.is_leaf:
+            # The stored scales and zeros are frozen buffers (SPEC). What trains is a
+            # separate float32 shift added to them (a non-leaf tensor reaches here).
+            raise ValueError(f"qlinear: {name} requires grad, but the stored {name}s are frozen buffers; to train "
+                             f"them, add a float32 parameter d{name} and pass {name} + d{name} (QALoRALinear's "
+                             f"train_{name}=True does this), or train the adapter (lora_A, lora_B) alone")
     ctx.meta = (scaling, bits, group_size, layout)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -498,7 +506,11 @@ def _qlinear_setup_context(ctx, inputs, output):
         pooled = xd.unflatten(-1, (scale.shape[1], group_size)).mean(-1)
         if pool_mask is not None:
             pooled = pooled * pool_mask
-    ctx.save_for_backward(packed, scale, zero, lora_A, lora_B, pool_mask, pooled)
+    # The quantization parameters' gradients (SPEC "Trainable quantization
+    # parameters") need x itself, un-dropped: grad scale = sum_{k in g} q (gy^T x),
+    # grad zero = gy^T xsum.
+    x_saved = x.detach() if (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]) else None
+    ctx.save_for_backward(packed, scale, zero, lora_A, lora_B, pool_mask, pooled, x_saved)
 
 
 def _detach(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -511,14 +523,17 @@ def _qlinear_backward(ctx, grad_out):
         # a second derivative, which this formula does not provide (it would be zero, silently).
         raise RuntimeError("qlinear has no second derivative: backward(create_graph=True) / double backward "
                            "through a packed layer is not supported")
-    packed, scale, zero, lora_A, lora_B, pool_mask, pooled = ctx.saved_tensors
+    packed, scale, zero, lora_A, lora_B, pool_mask, pooled, x_saved = ctx.saved_tensors
     scaling, bits, group_size, layout = ctx.meta
-    grad_x = grad_bias = grad_A = grad_B = None
+    grad_x = grad_bias = grad_A = grad_B = grad_scale = grad_zero = None
     if ctx.needs_input_grad[0]:
         # First-order only: the adapter enters grad_x as a constant.
-        grad_x = _ops.qlinear_grad_input(grad_out, packed, scale, zero, _detach(lora_A), _detach(lora_B), pool_mask,
-                                         scaling, bits, group_size, layout).to(ctx.x_dtype)
+        grad_x = _ops.qlinear_grad_input(grad_out, packed, _detach(scale), _detach(zero), _detach(lora_A),
+                                         _detach(lora_B), pool_mask, scaling, bits, group_size, layout).to(ctx.x_dtype)
     gy = grad_out.reshape(math.prod(grad_out.shape[:-1]), grad_out.shape[-1]).float()  # N may be 0
+    if x_saved is not None:
+        grad_scale, grad_zero = _quant_param_grads(gy, x_saved, packed, scale, zero, bits, group_size, layout,
+                                                   ctx.needs_input_grad[2], ctx.needs_input_grad[3])
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = gy.sum(0).to(ctx.bias_dtype)
     if pooled is not None:
@@ -529,7 +544,28 @@ def _qlinear_backward(ctx, grad_out):
         if ctx.needs_input_grad[6]:
             u = p @ lora_A.float().t()  # (M, r)
             grad_B = (scaling * gy.t() @ u).to(lora_B.dtype)
-    return grad_x, None, None, None, grad_bias, grad_A, grad_B, None, None, None, None, None
+    return grad_x, None, grad_scale, grad_zero, grad_bias, grad_A, grad_B, None, None, None, None, None
+
+
+def _quant_param_grads(gy, x, packed, scale, zero, bits, group_size, layout, want_scale, want_zero):
+    """SPEC "Trainable quantization parameters", float32 accumulation:
+
+    ``grad scale[n, g] = sum_{k in g} q[n, k] (gy^T x)[n, k]`` (one GEMM as large
+    as the forward's, M x N x K, then a product with the codes and a sum per
+    group) and ``grad zero = gy^T xsum`` (M x N x K/G).
+    """
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    n_groups = scale.shape[1]
+    grad_scale = grad_zero = None
+    if want_scale:
+        gx = gy.t() @ x2  # (N, K): the extra GEMM
+        codes = _ops.unpack(packed, bits, x2.shape[1], layout)
+        gx.mul_(codes)
+        grad_scale = gx.unflatten(1, (n_groups, group_size)).sum(-1).to(scale.dtype)
+    if want_zero:
+        xsum = x2.unflatten(1, (n_groups, group_size)).sum(-1)  # (M, L), un-dropped x
+        grad_zero = (gy.t() @ xsum).to(zero.dtype)
+    return grad_scale, grad_zero
 
 
 torch.library.register_autograd("qalora::qlinear", _qlinear_backward, setup_context=_qlinear_setup_context)

@@ -202,3 +202,46 @@ def lost_fraction(zero: torch.Tensor, zero_merged_stored: torch.Tensor, lora_A: 
     if denom == 0.0:
         return 0.0
     return ((zero_merged_stored.double() - zero.double() - delta).norm() / denom).item()
+
+
+# ---------------------------------------------------------------------------
+# Trainable quantization parameters (SPEC: dscale, dzero)
+# ---------------------------------------------------------------------------
+
+
+def quant_param_grads(x: torch.Tensor, grad_out: torch.Tensor, codes: torch.Tensor,
+                      group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC: ``grad dscale[n, g] = sum_{k in g} q[n, k] (gy^T x)[n, k]``, ``grad dzero = gy^T xsum``, float64.
+
+    Summed over all leading dims; ``x`` is the un-dropped input.
+    """
+    xd = x.double().reshape(-1, x.shape[-1])
+    gy = grad_out.double().reshape(-1, grad_out.shape[-1])
+    groups = xd.shape[1] // group_size
+    grad_dscale = ((gy.t() @ xd) * codes.double()).unflatten(1, (groups, group_size)).sum(-1)
+    xsum = xd.unflatten(1, (groups, group_size)).sum(-1)
+    grad_dzero = gy.t() @ xsum
+    return grad_dscale, grad_dzero
+
+
+def merged_scale_zero(scale: torch.Tensor, zero: torch.Tensor, dscale: Optional[torch.Tensor] = None,
+                      dzero: Optional[torch.Tensor] = None, lora_A: Optional[torch.Tensor] = None,
+                      lora_B: Optional[torch.Tensor] = None, scaling: float = 1.0,
+                      group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC: ``scale' = scale + dscale``, ``zero' = zero + dzero + s (B @ A) / G``, in float64 (before rounding)."""
+    s = scale.double() + (dscale.double() if dscale is not None else 0.0)
+    z = zero.double() + (dzero.double() if dzero is not None else 0.0)
+    if lora_A is not None:
+        z = z + scaling * (lora_B.double() @ lora_A.double()) / group_size
+    return s, z
+
+
+def weight_lost_fraction(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scale_target: torch.Tensor,
+                         zero_target: torch.Tensor, scale_stored: torch.Tensor, zero_stored: torch.Tensor,
+                         group_size: int) -> float:
+    """SPEC: ``||W'_stored - W'_target|| / ||W'_target - W||`` on the dequantized (N, K) weights, float64."""
+    w = dequantize(codes, scale, zero, group_size)
+    target = dequantize(codes, scale_target, zero_target, group_size)
+    stored = dequantize(codes, scale_stored, zero_stored, group_size)
+    denom = (target - w).norm().item()
+    return 0.0 if denom == 0.0 else ((stored - target).norm() / denom).item()

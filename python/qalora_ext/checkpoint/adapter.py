@@ -6,6 +6,14 @@ refuses it instead of loading it as a plain LoRA (our adapter acts on
 group-MEAN-pooled inputs; a LoRA loader would apply it to the full input and
 silently compute something else). Its config records the pooling convention,
 group size and every layer's hyper-parameters (SPEC "Checkpoints").
+
+Trainable quantization parameters (SPEC) are stored beside the adapter as
+``<layer>.dscale`` / ``<layer>.dzero`` (float32, (out_features, groups)),
+names PEFT never writes (its keys end in ``.weight``), and recorded per layer
+as ``train_scale`` / ``train_zero``; a layer of rank 0 has no ``lora_A`` /
+``lora_B``. Such an adapter is written as format version 2, which readers of
+version 1 refuse by version; an adapter without them is still version 1 and
+loads as before.
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..format import FORMAT_VERSION
 from ..model import freeze_all_but_adapters
 from ..nn import QALoRALinear, QuantLinear
 from .files import (
@@ -35,7 +42,15 @@ from .files import (
     verify_files,
     write_json,
 )
-from .quantized import QUANT_METHOD, _get_module, _set_child, adapter_entry, quantized_modules
+from .quantized import (
+    QUANT_METHOD,
+    _get_module,
+    _set_child,
+    adapter_entry,
+    adapter_flags,
+    format_version_for,
+    quantized_modules,
+)
 
 __all__ = ["ADAPTER_PEFT_TYPE", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "save_adapter", "load_adapter"]
 
@@ -55,7 +70,8 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     same quantized base (see :func:`load_adapter`). The config records the
     pooling convention and group size so no reader can apply it as a plain
     LoRA, plus every layer's hyper-parameters (a model may mix ranks).
-    Returns the adapter directory's path.
+    Trained ``dscale`` / ``dzero`` are saved with it (float32, bit for bit) and
+    come back with :func:`load_adapter`. Returns the adapter directory's path.
     """
     modules, _ = quantized_modules(model)
     layers = {n: m for n, m in modules.items() if isinstance(m, QALoRALinear)}
@@ -71,8 +87,8 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
             "in_features": m.in_features,
             "out_features": m.out_features,
         }
-        tensors[f"{name}.lora_A"] = m.lora_A.detach()
-        tensors[f"{name}.lora_B"] = m.lora_B.detach()
+        for pname, p in m.trainable_parameters().items():
+            tensors[f"{name}.{pname}"] = p.detach()
 
     def uniform(key):
         values = {e[key] for e in per_layer.values()}
@@ -81,7 +97,7 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = {
         "peft_type": ADAPTER_PEFT_TYPE,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(layers.values()),
         "library": QUANT_METHOD,
         "library_version": library_version(),
         "base_model_name_or_path": base_name,
@@ -95,6 +111,8 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
         "dropout": uniform("dropout"),
         "use_rslora": uniform("use_rslora"),
         "scaling": uniform("scaling"),
+        "train_scale": uniform("train_scale"),
+        "train_zero": uniform("train_zero"),
         "target_modules": list(layers),
         "layers": per_layer,
     }
@@ -131,11 +149,12 @@ def load_adapter(model: nn.Module, directory: PathLike, *, verify: bool = True) 
     targets = cfg.get("target_modules")
     if not isinstance(targets, list) or not targets:
         raise CheckpointError(f"{cfg_path}: target_modules lists no layers")
-    tensors = _load_adapter_tensors(directory, targets)
+    configs = {name: _layer_config(name, cfg, cfg_path) for name in targets}
+    tensors = _load_adapter_tensors(directory, configs)
     # Every layer is planned (and every value checked) before any layer changes.
-    plan = [_plan_layer(model, name, cfg, cfg_path, tensors) for name in targets]
-    for name, layer, base, lc, A, B in plan:
-        _apply_layer(model, name, layer, base, lc, A, B)
+    plan = [_plan_layer(model, name, configs[name], cfg_path, tensors) for name in targets]
+    for name, layer, base, lc, params in plan:
+        _apply_layer(model, name, layer, base, lc, params)
     freeze_all_but_adapters(model)
     return model
 
@@ -178,9 +197,15 @@ def _read_adapter_config(directory: Path) -> tuple[dict, Path]:
     return cfg, cfg_path
 
 
-def _load_adapter_tensors(directory: Path, targets: list) -> dict:
+def _param_names(lc: dict) -> tuple[str, ...]:
+    """The tensors one layer's entry says the file holds: lora_A, lora_B (rank > 0), dscale, dzero (when trained)."""
+    return (*(("lora_A", "lora_B") if lc["rank"] != 0 else ()), *(("dscale",) if lc["train_scale"] else ()),
+            *(("dzero",) if lc["train_zero"] else ()))
+
+
+def _load_adapter_tensors(directory: Path, configs: dict) -> dict:
     tensors = load_file(str(directory / ADAPTER_WEIGHTS_NAME), device="cpu")
-    want = {f"{n}.{p}" for n in targets for p in ("lora_A", "lora_B")}
+    want = {f"{n}.{p}" for n, lc in configs.items() for p in _param_names(lc)}
     if set(tensors) != want:
         missing, extra = want - set(tensors), set(tensors) - want
         raise CheckpointError(f"{directory / ADAPTER_WEIGHTS_NAME}: tensors do not match target_modules"
@@ -189,8 +214,8 @@ def _load_adapter_tensors(directory: Path, targets: list) -> dict:
     return tensors
 
 
-def _plan_layer(model: nn.Module, name: str, cfg: dict, cfg_path: Path, tensors: dict) -> tuple:
-    """``(name, layer, base, hyper-parameters, A, B)`` of one target, every value checked."""
+def _layer_config(name: str, cfg: dict, cfg_path: Path) -> dict:
+    """One target's hyper-parameters (its entry in ``layers``, else the config's uniform values), checked."""
     layers_cfg = cfg.get("layers") or {}
     if not isinstance(layers_cfg, dict):
         raise CheckpointError(f"{cfg_path}: 'layers' must be an object of per-layer entries; got {layers_cfg!r}")
@@ -206,6 +231,20 @@ def _plan_layer(model: nn.Module, name: str, cfg: dict, cfg_path: Path, tensors:
         raise CheckpointError(f"{cfg_path}: layer {name!r} has incomplete hyper-parameters {lc}")
     if lc.get("pooling", "mean") != "mean":
         raise CheckpointError(f"{cfg_path}: layer {name!r} pooling is {lc['pooling']!r}; only 'mean' is supported")
+    for key in ("train_scale", "train_zero"):  # absent: written before they existed (or not trained)
+        if lc.get(key) is None:
+            lc[key] = cfg.get(key) if cfg.get(key) is not None else False
+    lc["train_scale"], lc["train_zero"] = adapter_flags(lc, f"{cfg_path}: layer {name!r}")
+    try:
+        QALoRALinear.check_hyperparameters(lc["rank"], lc["alpha"], lc["dropout"], train_scale=lc["train_scale"],
+                                           train_zero=lc["train_zero"])
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: layer {name!r}: {e}") from e
+    return lc
+
+
+def _plan_layer(model: nn.Module, name: str, lc: dict, cfg_path: Path, tensors: dict) -> tuple:
+    """``(name, layer, base, hyper-parameters, {parameter name: tensor})`` of one target, every value checked."""
     layer = _get_module(model, name)
     if layer is None:
         raise CheckpointError(f"load_adapter: the model has no layer {name!r} (an adapter target)")
@@ -217,17 +256,23 @@ def _plan_layer(model: nn.Module, name: str, cfg: dict, cfg_path: Path, tensors:
         raise CheckpointError(f"load_adapter: layer {name!r} is quantized with group_size={base.group_size} but "
                               f"the adapter was trained with group_size={lc['group_size']}: its pooling groups "
                               f"must be the quantization groups")
-    try:
-        QALoRALinear.check_hyperparameters(lc["rank"], lc["alpha"], lc["dropout"])
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_path}: layer {name!r}: {e}") from e
     rank = int(lc["rank"])
-    A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
-    wantA = (rank, base.in_features // base.group_size)
-    wantB = (base.out_features, rank)
-    if tuple(A.shape) != wantA or tuple(B.shape) != wantB:
-        raise CheckpointError(f"load_adapter: layer {name!r}: adapter shapes A {tuple(A.shape)}, B {tuple(B.shape)} "
-                              f"do not fit the layer (expected A {wantA}, B {wantB})")
+    groups = base.in_features // base.group_size
+    params = {p: tensors[f"{name}.{p}"] for p in _param_names(lc)}
+    if rank:
+        A, B = params["lora_A"], params["lora_B"]
+        wantA = (rank, groups)
+        wantB = (base.out_features, rank)
+        if tuple(A.shape) != wantA or tuple(B.shape) != wantB:
+            raise CheckpointError(f"load_adapter: layer {name!r}: adapter shapes A {tuple(A.shape)}, "
+                                  f"B {tuple(B.shape)} do not fit the layer (expected A {wantA}, B {wantB})")
+    for p in ("dscale", "dzero"):
+        t = params.get(p)
+        if t is None:
+            continue
+        if tuple(t.shape) != (base.out_features, groups) or t.dtype != torch.float32:
+            raise CheckpointError(f"load_adapter: layer {name!r}: {p} is {t.dtype} {tuple(t.shape)}; expected "
+                                  f"float32 {(base.out_features, groups)} (out_features, groups)")
     want_scaling = QALoRALinear.scaling_for(rank, lc["alpha"], lc["use_rslora"])
     if "scaling" in lc and not math.isclose(want_scaling, float(lc["scaling"]),
                                             rel_tol=1e-6):
@@ -235,23 +280,26 @@ def _plan_layer(model: nn.Module, name: str, cfg: dict, cfg_path: Path, tensors:
     if lc.get("bits") is not None and lc["bits"] != base.bits:
         warnings.warn(f"load_adapter: layer {name!r} is INT{base.bits} but the adapter was trained on "
                       f"INT{lc['bits']}", stacklevel=3)
-    return name, layer, base, lc, A, B
+    return name, layer, base, lc, params
 
 
 def _apply_layer(model: nn.Module, name: str, layer: nn.Module, base: QuantLinear, lc: dict,
-                 A: torch.Tensor, B: torch.Tensor) -> None:
-    """Copy into an adapter of the same rank (an optimizer holding it keeps working), else wrap anew."""
+                 params: dict[str, torch.Tensor]) -> None:
+    """Copy into an adapter of the same rank and the same trained quantities (an optimizer holding its
+    parameters keeps working), else wrap the base anew as the file describes it: the file is the
+    layer's whole trained state, so a ``dscale`` / ``dzero`` it does not hold is not kept."""
     rank, alpha, dropout, rs = int(lc["rank"]), float(lc["alpha"]), float(lc["dropout"]), bool(lc["use_rslora"])
+    train_scale, train_zero = lc["train_scale"], lc["train_zero"]
     dev = base.packed.device
-    if isinstance(layer, QALoRALinear) and layer.rank == rank:
-        with torch.no_grad():
-            layer.lora_A.copy_(A.to(dev, torch.float32))
-            layer.lora_B.copy_(B.to(dev, torch.float32))
+    if (isinstance(layer, QALoRALinear) and layer.rank == rank and layer.train_scale == train_scale
+            and layer.train_zero == train_zero):
+        target = layer
         layer.alpha, layer.dropout, layer.use_rslora = alpha, dropout, rs
     else:
-        new = QALoRALinear(base, rank, alpha, dropout, rs)
-        with torch.no_grad():
-            new.lora_A.copy_(A.to(dev, torch.float32))
-            new.lora_B.copy_(B.to(dev, torch.float32))
-        new.train(layer.training)
-        _set_child(model, name, new)
+        target = QALoRALinear(base, rank, alpha, dropout, rs, train_scale=train_scale, train_zero=train_zero)
+        target.train(layer.training)
+    with torch.no_grad():
+        for pname, p in target.trainable_parameters().items():
+            p.copy_(params[pname].to(dev, torch.float32))
+    if target is not layer:
+        _set_child(model, name, target)

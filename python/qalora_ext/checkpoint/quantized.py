@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..format import FORMAT_VERSION, KNOWN_LAYOUTS, LAYOUT_CANONICAL
+from ..format import FORMAT_VERSION_TRAINABLE_QUANT, KNOWN_LAYOUTS, LAYOUT_CANONICAL
 from ..model import freeze_all_but_adapters, quantized_layers, set_module
 from ..nn import QALoRALinear, QuantLinear
 from .files import (
@@ -66,6 +66,8 @@ __all__ = [
     "load_quantized",
     "quantized_modules",
     "adapter_entry",
+    "adapter_flags",
+    "format_version_for",
     "model_config_dict",
     "plan_shards",
     "build_layer",
@@ -142,6 +144,8 @@ def _module_entry(m: nn.Module) -> dict:
 
 
 def adapter_entry(m: QALoRALinear) -> dict:
+    """One adapted layer's hyper-parameters as checkpoints record them (rank 0: no lora_A / lora_B;
+    ``train_scale`` / ``train_zero``: the layer also holds float32 ``dscale`` / ``dzero``)."""
     return {
         "rank": m.rank,
         "alpha": m.alpha,
@@ -149,7 +153,29 @@ def adapter_entry(m: QALoRALinear) -> dict:
         "use_rslora": m.use_rslora,
         "scaling": m.scaling,
         "pooling": "mean",
+        "train_scale": m.train_scale,
+        "train_zero": m.train_zero,
     }
+
+
+def format_version_for(layers) -> int:
+    """The lowest format version that holds ``layers`` (QuantLinear / QALoRALinear modules): version 1
+    unless one has ``dscale`` / ``dzero`` or rank 0, which a version-1 reader would misread."""
+    for m in layers:
+        if isinstance(m, QALoRALinear) and (m.rank == 0 or m.train_scale or m.train_zero):
+            return FORMAT_VERSION_TRAINABLE_QUANT
+    return 1
+
+
+def adapter_flags(ad: dict, where: str) -> tuple[bool, bool]:
+    """``(train_scale, train_zero)`` of a recorded adapter entry (absent: False, as written before they existed)."""
+    flags = []
+    for key in ("train_scale", "train_zero"):
+        v = ad.get(key, False)
+        if not isinstance(v, bool):
+            raise CheckpointError(f"{where}: {key} must be true or false; got {v!r}")
+        flags.append(v)
+    return flags[0], flags[1]
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -251,7 +277,7 @@ def _save(model: nn.Module, directory: PathLike, max_shard_size: Union[int, str]
         except ValueError as e:
             raise ValueError(f"save_quantized: {name}: {e}") from e
     tensors, tied = _unique_state(model)
-    qconfig = _quantization_config(entries, tied, tied_modules)
+    qconfig = _quantization_config(entries, tied, tied_modules, format_version_for(modules.values()))
     model_config = model_config_dict(model)
     with atomic_directory(directory, _own_model_file) as tmp:
         if tokenizer is not None:
@@ -284,14 +310,14 @@ def _write_tokenizer(tokenizer, tmp: Path) -> None:
     staging.rmdir()
 
 
-def _quantization_config(entries: dict, tied: dict, tied_modules: dict) -> dict:
+def _quantization_config(entries: dict, tied: dict, tied_modules: dict, format_version: int) -> dict:
     def uniform(key):
         values = {e[key] for e in entries.values()}
         return values.pop() if len(values) == 1 else None
 
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "library_version": library_version(),
         "bits": uniform("bits"),
         "group_size": uniform("group_size"),
@@ -400,7 +426,9 @@ def build_layer(name: str, entry: dict) -> nn.Module:
             raise CheckpointError(f"module {name!r}: its adapter entry must be an object; got {ad!r}")
         if ad.get("pooling", "mean") != "mean":
             raise CheckpointError(f"adapter pooling {ad.get('pooling')!r} is not supported (only 'mean')")
-        layer = QALoRALinear(ql, int(ad["rank"]), float(ad["alpha"]), float(ad["dropout"]), bool(ad["use_rslora"]))
+        train_scale, train_zero = adapter_flags(ad, f"module {name!r}")
+        layer = QALoRALinear(ql, int(ad["rank"]), float(ad["alpha"]), float(ad["dropout"]), bool(ad["use_rslora"]),
+                             train_scale=train_scale, train_zero=train_zero)
         if "scaling" in ad and not math.isclose(layer.scaling, float(ad["scaling"]), rel_tol=1e-6):
             raise CheckpointError(f"adapter scaling {ad['scaling']} does not match alpha/rank ({layer.scaling})")
         return layer

@@ -75,6 +75,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (nan, inf, zero and negatives are refused)."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -99,21 +107,24 @@ def add_adapter_arg(p: argparse.ArgumentParser, what: str = "an adapter folder t
     p.add_argument("--adapter", metavar="DIR", default=None, help=what)
 
 
-def add_quant_args(p: argparse.ArgumentParser, note: str = "") -> None:
-    """The quantization options (read back by :func:`quant_options`)."""
+def add_quant_args(p: argparse.ArgumentParser, note: str = "", method: str = "rtn") -> None:
+    """The quantization options (read back by :func:`quant_options`); ``method``: the command's default
+    (GPTQ where the command has calibration text at hand: `finetune`, `demo`)."""
     g = p.add_argument_group("quantization" + note)
     g.add_argument("--bits", type=int, choices=(2, 3, 4), default=3, help="bits per weight (default 3)")
     g.add_argument("--group-size", type=int, choices=(32, 64, 128), default=32,
                    help="input channels sharing one scale and zero (default 32); layers whose width is not a multiple "
                         "stay float, with a warning")
-    g.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+    g.add_argument("--method", choices=("rtn", "gptq"), default=method,
                    help="rtn: round to nearest, min-max per group (seconds); gptq: Hessian-based error correction "
-                        "calibrated on training text (minutes, usually much better at 2-3 bits)")
+                        f"calibrated on training text (minutes, usually much better at 2-3 bits); default {method}")
     g.add_argument("--scale-dtype", choices=DTYPES, default="float16", help="storage of the scales (default float16)")
     g.add_argument("--zero-dtype", choices=DTYPES, default="float32",
                    help="storage of the zeros (default float32: a merged adapter survives exactly)")
-    g.add_argument("--calib-samples", type=int, default=128, help="GPTQ: calibration sequences (default 128)")
-    g.add_argument("--calib-seq-len", type=int, default=256, help="GPTQ: tokens per calibration sequence (default 256)")
+    g.add_argument("--calib-samples", type=int, default=128,
+                   help="GPTQ and --init residual: calibration sequences (default 128)")
+    g.add_argument("--calib-seq-len", type=int, default=256,
+                   help="GPTQ and --init residual: tokens per calibration sequence (default 256)")
 
 
 def quant_options(args: argparse.Namespace) -> dict:
@@ -121,6 +132,66 @@ def quant_options(args: argparse.Namespace) -> dict:
     return dict(bits=args.bits, group_size=args.group_size, method=args.method, scale_dtype=dtype(args.scale_dtype),
                 zero_dtype=dtype(args.zero_dtype), calib_samples=args.calib_samples,
                 calib_seq_len=args.calib_seq_len)
+
+
+def add_trainable_quant_args(t, lr_flag: str = "--lr") -> None:
+    """``--train-scales``, ``--train-zeros``, ``--quant-lr`` (SPEC "Trainable quantization parameters").
+
+    The two flags default to None (not given), so a resumed run can take the
+    checkpoint's values and refuse a contradiction."""
+    t.add_argument("--train-scales", action="store_true", default=None,
+                   help="also train each quantized layer's per-group scales (a float32 shift per group, folded "
+                        "into the stored scales at merge; the integer codes do not change)")
+    t.add_argument("--train-zeros", action="store_true", default=None,
+                   help="also train each quantized layer's per-group zeros (a float32 shift per group, folded "
+                        "into the stored zeros at merge with the adapter)")
+    t.add_argument("--quant-lr", type=positive_float, default=None, metavar="LR",
+                   help=f"learning rate of the trained scales and zeros (their own AdamW group, no weight decay; "
+                        f"default: {lr_flag})")
+
+
+INIT_CHOICES = ("zero", "residual")
+
+
+def add_init_arg(t, note: str = "") -> None:
+    """``--init {zero,residual}``: where the trained quantities start (read by :func:`residual_start`)."""
+    t.add_argument("--init", choices=INIT_CHOICES, default="zero",
+                   help="start of the trained quantities. zero (default, SPEC): adapter B = 0 and dscale = dzero = 0, "
+                        "so training begins at the quantized model. residual: right after quantizing, fit the "
+                        "adapter (or, with --train-zeros, the zeros; with --train-scales also the scales) to each "
+                        "layer's quantization error W - W~ (float minus quantized weight), least squares weighted "
+                        "by the layer's inputs on the calibration text (--calib-samples x --calib-seq-len, as GPTQ "
+                        "uses); prints the layers' mean relative output error before -> after" + note)
+
+
+def residual_start(lm, source, calibration, progress: bool = True) -> dict:
+    """``--init residual``: :func:`qalora_ext.quantize.residual_fit.fit_quantization_residual` of ``lm``'s
+    adapted layers to ``source`` (the float model that was quantized) on the calibration batches, with a
+    one-line summary; returns the per-layer report."""
+    from ..nn import QALoRALinear
+    from ..quantize.residual_fit import fit_quantization_residual
+
+    report = fit_quantization_residual(lm, source, calibration, progress=progress)
+    layer = next(m for m in lm.modules() if isinstance(m, QALoRALinear))
+    fitted = [name for name, present in (("adapter", layer.lora_A is not None and layer.dzero is None),
+                                         ("zeros", layer.dzero is not None), ("scales", layer.dscale is not None))
+              if present]
+    before = sum(r["before"] for r in report.values()) / len(report)
+    after = sum(r["after"] for r in report.values()) / len(report)
+    what = "output error on the calibration text" if calibration is not None else "weight error"
+    if rank() == 0:
+        print(f"[qalora] --init residual: {' and '.join(fitted)} of {len(report)} layers fitted to the quantization "
+              f"error; mean relative {what} {before:.4f} -> {after:.4f}", flush=True)
+    return report
+
+
+def check_rank(rank: int, train_scales, train_zeros) -> None:
+    """``--rank`` is >= 1, or 0 (no adapter) with --train-scales or --train-zeros: ValueError naming the flags."""
+    if rank < 0:
+        raise ValueError(f"--rank must be >= 0; got {rank}")
+    if rank == 0 and not (train_scales or train_zeros):
+        raise ValueError("--rank 0 trains no adapter, so it needs --train-scales or --train-zeros (what to train "
+                         "instead); got neither")
 
 
 def add_eval_args(p: argparse.ArgumentParser, windows: int = 16) -> None:

@@ -10,19 +10,25 @@ from . import common
 
 NAME = "demo"
 HELP = "the whole job, timed: quantize, fine-tune, merge, evaluate, generate"
-DESCRIPTION = ("Quantize SmolLM2 (or --model), measure held-out perplexity, fine-tune QA-LoRA adapters, merge them "
-               "into the zeros, save, reload, measure again and generate. Prints the time of each phase.")
+DESCRIPTION = ("Quantize SmolLM2 (or --model; GPTQ by default, calibrated on the training text), measure held-out "
+               "perplexity, fine-tune QA-LoRA adapters (and with --train-scales / --train-zeros the layers' own "
+               "scales and zeros; --init residual starts them at the fit of the quantization error instead of "
+               "zero), merge them into the stored scales and zeros, save, reload, measure again and generate. "
+               "Prints the time of each phase.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model_arg(p)
-    common.add_quant_args(p)
+    common.add_quant_args(p, method="gptq")
     p.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     p.add_argument("--batch-size", type=int, default=4, help="default 4")
     p.add_argument("--seq-len", type=int, default=256, help="default 256")
-    p.add_argument("--rank", type=int, default=16, help="default 16")
+    p.add_argument("--rank", type=int, default=16,
+                   help="adapter rank (default 16); 0: no adapter, with --train-scales and/or --train-zeros")
     p.add_argument("--alpha", type=float, default=16, help="default 16")
     p.add_argument("--lr", type=float, default=1e-3, help="default 1e-3")
+    common.add_trainable_quant_args(p)
+    common.add_init_arg(p, note="; the demo keeps the float model it measured for this (released before training)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="auto",
                    help="fine-tune precision: bf16 autocast (adapters and optimizer state stay float32), none "
@@ -36,8 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     common.refuse_overwriting_input(args.out, args.model)
+    common.check_rank(args.rank, args.train_scales, args.train_zeros)
     run_demo(args.model, **common.quant_options(args), steps=args.steps, batch_size=args.batch_size,
              seq_len=args.seq_len, rank=args.rank, alpha=args.alpha, lr=args.lr, seed=args.seed,
-             windows=args.windows, window=args.window, prompt=args.prompt, out=args.out,
+             train_scale=bool(args.train_scales), train_zero=bool(args.train_zeros), quant_lr=args.quant_lr,
+             init=args.init, windows=args.windows, window=args.window, prompt=args.prompt, out=args.out,
              autocast=args.autocast)
     return 0

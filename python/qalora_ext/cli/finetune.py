@@ -10,14 +10,18 @@ from . import common
 
 NAME = "finetune"
 HELP = "train QA-LoRA adapters on a quantized model"
-DESCRIPTION = ("Train QA-LoRA adapters. --model may be a quantized folder (from `qalora quantize`) or a float model, "
-               "quantized first with the quantization options. Runs under `torchrun --nproc-per-node N` for "
-               "data-parallel training (only the adapters are synchronised).")
+DESCRIPTION = ("Train QA-LoRA adapters (and, with --train-scales / --train-zeros, the quantized layers' own per-group "
+               "scales and zeros; --rank 0 trains those alone). --model may be a quantized folder (from `qalora "
+               "quantize`) or a float model, quantized first with the quantization options (GPTQ by default, "
+               "calibrated on the --data text file or the default corpus's training part). --init residual starts "
+               "the trained quantities at the least-squares fit of the quantization error instead of zero (float "
+               "--model only). Runs under `torchrun --nproc-per-node N` for data-parallel training (only the "
+               "trained parameters are synchronised).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model_arg(p, "quantized folder or float model")
-    common.add_quant_args(p, " (only when --model is a float model)")
+    common.add_quant_args(p, " (only when --model is a float model)", method="gptq")
     _add_data_args(p.add_argument_group("data"))
     _add_training_args(p.add_argument_group("training"))
     p.add_argument("--out", required=True, metavar="DIR",
@@ -35,10 +39,15 @@ def _add_data_args(d) -> None:
 
 def _add_training_args(t) -> None:
     # None = not given: a resumed run takes the checkpoint's values, and a given one must agree with them.
-    t.add_argument("--rank", type=int, default=None, help="adapter rank r (default 16)")
+    t.add_argument("--rank", type=int, default=None,
+                   help="adapter rank r (default 16); 0: no adapter, with --train-scales and/or --train-zeros")
     t.add_argument("--alpha", type=float, default=None, help="adapter alpha; scaling = alpha / r (default 16)")
     t.add_argument("--dropout", type=float, default=None, help="dropout on the pooled input (default 0)")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    common.add_trainable_quant_args(t)
+    common.add_init_arg(t, note=". Only with a float --model (a quantized folder no longer holds the float weights "
+                                "to fit to); a --resume that finds a checkpoint continues from its trained state "
+                                "and skips the fit")
     t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
     t.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     t.add_argument("--batch-size", type=int, default=4, help="sequences per step and process (default 4)")
@@ -69,18 +78,23 @@ def run(args: argparse.Namespace) -> int:
 
     common.refuse_overwriting_input(args.out, args.model, args.data)
     _adapter_settings(args)
+    _init_settings(args)
     device = training_device(args.device)
     autocast = precision.resolve_autocast(args.autocast, device)
     if args.fsdp:
         return _run_fsdp(args, device, autocast)
-    lm, tokenizer = _training_model(args)
-    lm.to(device)
+    from .. import loading
+
+    # The data first: a bad --data file is reported before minutes of quantization.
+    tokenizer = loading.load_tokenizer(loading.resolve_model(args.model))
     dataset = data.load_training_data(args.data, tokenizer, args.seq_len, max_examples=args.max_examples)
+    lm, tokenizer = _training_model(args, len(dataset) * args.seq_len, device)
+    lm.to(device)
     result = finetune.finetune(
         lm, dataset, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup_steps, gradient_checkpointing=args.gradient_checkpointing, output_dir=args.out,
         save_every=args.save_every, resume=args.resume, seed=args.seed, progress=True, loss_plot=True,
-        autocast=autocast)
+        autocast=autocast, quant_lr=args.quant_lr)
     lm.to("cpu")
     if common.rank() == 0:
         out = save_model(lm, tokenizer, args.out)
@@ -116,7 +130,8 @@ def _run_fsdp(args: argparse.Namespace, device, autocast) -> int:
             return run(argparse.Namespace(**{**vars(args), "fsdp": False}))
         tokenizer = loading.load_tokenizer(folder)
         lm = fsdp.load_quantized_sharded(folder, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                                         seed=args.seed, device=device)
+                                         seed=args.seed, device=device, train_scale=args.train_scales,
+                                         train_zero=args.train_zeros)
         held, total = fsdp.resident_packed_bytes(lm)
         print(f"[qalora] FSDP2 rank {dist.get_rank()}: holds {held} of the model's {total} packed bytes "
               f"({held / max(total, 1):.3f})", flush=True)
@@ -125,7 +140,7 @@ def _run_fsdp(args: argparse.Namespace, device, autocast) -> int:
             lm, dataset, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
             warmup_steps=args.warmup_steps, gradient_checkpointing=args.gradient_checkpointing,
             output_dir=args.out, save_every=args.save_every, resume=args.resume, seed=args.seed, progress=True,
-            loss_plot=True, autocast=autocast, fsdp=True)
+            loss_plot=True, autocast=autocast, fsdp=True, quant_lr=args.quant_lr)
         with fsdp.full_adapters(lm):
             if dist.get_rank() == 0:
                 out = save_adapter(lm, args.out)
@@ -141,10 +156,13 @@ def _run_fsdp(args: argparse.Namespace, device, autocast) -> int:
 
 
 _ADAPTER_DEFAULTS = {"rank": 16, "alpha": 16.0, "dropout": 0.0}
+# The checkpoint's adapter_config.json keys of --train-scales / --train-zeros.
+_FLAG_KEYS = {"train_scales": "train_scale", "train_zeros": "train_zero"}
 
 
 def _adapter_settings(args: argparse.Namespace) -> None:
-    """Fill --rank/--alpha/--dropout: the checkpoint's when resuming (a given flag must agree), else the defaults."""
+    """Fill --rank/--alpha/--dropout/--train-scales/--train-zeros: the checkpoint's when resuming (a given flag
+    must agree), else the defaults; then --rank 0 needs one of the two."""
     from ..checkpoint import ADAPTER_CONFIG_NAME
     from ..checkpoint.files import read_json
     from ..training.finetune import latest_checkpoint
@@ -161,27 +179,112 @@ def _adapter_settings(args: argparse.Namespace) -> None:
                              f"{saved[key]}); drop --{key}, or start a new --out")
         if given is None:
             setattr(args, key, saved.get(key, default))
+    for flag, key in _FLAG_KEYS.items():
+        saved_value = cfg.get(key) if ckpt is not None else None
+        saved_value = bool(saved_value) if ckpt is not None else None  # absent from older checkpoints: off
+        given = getattr(args, flag)
+        if given is not None and saved_value is not None and given != saved_value:
+            raise ValueError(f"--{flag.replace('_', '-')} contradicts the checkpoint being resumed ({ckpt}: "
+                             f"{key} {saved_value}); drop it, or start a new --out")
+        if given is None:
+            setattr(args, flag, bool(saved_value))
+    common.check_rank(args.rank, args.train_scales, args.train_zeros)
 
 
-def _training_model(args: argparse.Namespace):
-    """The model to fine-tune: a quantized checkpoint as is, or a float model quantized now."""
+def _init_settings(args: argparse.Namespace) -> None:
+    """``--init residual`` needs the float weights: refused for a quantized --model (before any work); a
+    resume that finds a checkpoint takes the trained state from it, so the fit is skipped (said so).
+    Sets ``args.fit_residual``."""
+    args.fit_residual = False
+    if getattr(args, "init", "zero") != "residual":
+        return
+    from .. import loading
+    from ..training.finetune import latest_checkpoint
+
+    if loading.is_quantized_checkpoint(loading.resolve_model(args.model)):
+        raise ValueError(f"--init residual fits the adapters to the quantization error W - W~, which needs the "
+                         f"float weights W; {args.model} is already quantized (its float weights are gone): give "
+                         f"the float model as --model (it is quantized first), or drop --init residual")
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if ckpt is not None:
+        print(f"[qalora] --resume continues from {ckpt}, which holds the trained state: --init residual (a "
+              f"start) is not applied", flush=True)
+        return
+    args.fit_residual = True
+
+
+def _training_model(args: argparse.Namespace, data_tokens: int = 0, device=None):
+    """The model to fine-tune: a quantized checkpoint as is, or a float model quantized now (GPTQ calibrated
+    on the --data text when it holds ``data_tokens`` > --calib-seq-len tokens); with --init residual the new
+    adapters are then fitted (on ``device``) to the quantization error on that same calibration text."""
     from .. import loading
     from ..model import add_adapters, freeze_all_but_adapters
 
+    from ..nn import QALoRALinear
+
+    fit_residual = getattr(args, "fit_residual", False)
     folder = loading.resolve_model(args.model)
+    calib_text = None
     if loading.is_quantized_checkpoint(folder):
         lm, tokenizer, _ = loading.load_model(folder)
     else:
-        lm, tokenizer, _ = loading.quantize(folder, **common.quant_options(args), seed=args.seed)
+        if args.method == "gptq" or fit_residual:
+            calib_text = _calibration_text(args, data_tokens)
+        lm, tokenizer, _ = loading.quantize(folder, **common.quant_options(args), seed=args.seed,
+                                            calib_text=calib_text)
     if common.has_adapters(lm):
+        layers = [m for m in lm.modules() if isinstance(m, QALoRALinear)]
+        for flag, attr in (("--train-scales", "train_scale"), ("--train-zeros", "train_zero")):
+            if getattr(args, attr + "s") and not all(getattr(m, attr) for m in layers):
+                raise ValueError(f"{flag}: {args.model} already has adapters, trained without it; it applies to "
+                                 f"new adapters: fine-tune the quantized base (or merge first: qalora merge)")
         print("[qalora] the model already has adapters: training them further", flush=True)
         freeze_all_but_adapters(lm)
     else:
         import torch
 
         torch.manual_seed(args.seed)  # the adapters' init: a rerun with the same --seed is the same run
-        add_adapters(lm, rank=args.rank, alpha=args.alpha, dropout=args.dropout)
+        add_adapters(lm, rank=args.rank, alpha=args.alpha, dropout=args.dropout, train_scale=args.train_scales,
+                     train_zero=args.train_zeros)
+        if fit_residual:
+            _fit_residual(lm, tokenizer, folder, calib_text, args, device)
     return lm, tokenizer
+
+
+def _fit_residual(lm, tokenizer, folder, calib_text, args: argparse.Namespace, device) -> None:
+    """--init residual: the float model is read again (the streaming quantization never held it whole), used
+    for the fit and let go; the calibration batches are GPTQ's (same text, sizes and seed)."""
+    import gc
+
+    from .. import loading
+    from ..quantize.calibration import calibration_batches
+
+    calibration = calibration_batches(tokenizer, calib_text, args.calib_samples, args.calib_seq_len, seed=args.seed)
+    # In the dtype the folder stores (the values the quantizer read; half the memory of float32 for a bf16 model).
+    config = loading.read_model_config(folder)
+    stored = config.get("dtype") or config.get("torch_dtype")
+    source, _, _ = loading.load_model(folder, **({"dtype": common.dtype(stored)} if stored in common.DTYPES else {}))
+    if device is not None:
+        lm.to(device)
+    try:
+        common.residual_start(lm, source, calibration, progress=common.rank() == 0)
+    finally:
+        del source
+        gc.collect()
+
+
+def _calibration_text(args: argparse.Namespace, data_tokens: int):
+    """GPTQ's (and --init residual's) calibration text: the --data text file (what the model is tuned for), else
+    None (the default corpus's training part). A .jsonl file of instruction pairs is not plain text, and a text
+    shorter than one calibration window cannot calibrate: None, said so."""
+    if args.data is None or str(args.data).endswith(".jsonl"):
+        return None
+    if data_tokens <= args.calib_seq_len:
+        print(f"[qalora] {args.data} holds fewer tokens than one calibration window (--calib-seq-len "
+              f"{args.calib_seq_len}): calibrating on the default corpus's training part", flush=True)
+        return None
+    with open(args.data, encoding="utf-8") as f:
+        return f.read()
 
 
 def training_device(name: str):

@@ -1,4 +1,5 @@
-"""``qalora merge``: trained adapters folded into the zeros, a plain INT2/3/4 model."""
+"""``qalora merge``: trained adapters (and trained scales / zeros) folded into the stored scales and zeros,
+a plain INT2/3/4 model with the same codes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from . import common
 
 NAME = "merge"
-HELP = "fold trained adapters into the zeros: a plain INT2/3/4 model"
+HELP = "fold trained adapters (and trained scales/zeros) into the stored scales and zeros: a plain INT2/3/4 model"
 DESCRIPTION = None
 
 
@@ -29,9 +30,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"[qalora] error: {folder} has no adapters to merge (pass --adapter DIR, or a folder written by "
               f"`qalora finetune`)", file=sys.stderr)
         return 2
+    from ..nn import QALoRALinear
+
+    layers = [m for m in lm.modules() if isinstance(m, QALoRALinear)]
+    trained = [what for what, on in (("adapters", any(m.rank for m in layers)),
+                                     ("scales", any(m.train_scale for m in layers)),
+                                     ("zeros", any(m.train_zero for m in layers))) if on]
     report = merge_adapters(lm)
     out = save_model(lm, tokenizer, args.out)
     lost = max(report.values())
-    print(f"[qalora] merged {len(report)} adapters into the zeros ({common.describe(lm)}); largest fraction of an "
-          f"adapter lost to zero rounding: {lost:.2e}; written to {out}")
+    worst = max(report, key=report.get)
+    print(f"[qalora] merged {len(report)} layers' trained {', '.join(trained)} into the stored scales and zeros "
+          f"({common.describe(lm)}); lost to storage rounding: largest {lost:.2e} of a layer's trained change "
+          f"({worst}); written to {out}")
     return 0

@@ -23,6 +23,13 @@ exported model computes what ours computes; ``float_type="f16"`` halves their
 size (the embedding is most of a small model's file) at the cost of a
 rounding, which is reported.
 
+A layer that still holds its adapter is merged on the way, in float64, as
+``QALoRALinear.merge`` does: ``m = zero + dzero + s (B @ A) / G`` and, with a
+trained ``dscale``, ``d = scale + dscale``, each rounded once to float16; the
+fraction of the trained change lost to that rounding (weight space) is
+reported. A merged scale that float16 cannot hold although the model's own
+scale dtype would is refused unless ``lossy=True``, as for unmerged scales.
+
 What llama.cpp expects of a ``llama`` model, and how it is met here:
 
 * tensor names ``token_embd``, ``blk.{i}.attn_q`` ... ``output`` (table
@@ -296,11 +303,28 @@ def _rope_theta(config) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
-def _packed_parts(layer: nn.Module) -> tuple[QuantLinear, Optional[torch.Tensor]]:
-    """``(base QuantLinear, float64 zero delta or None)`` of a packed layer (the delta: ``zero_delta()``)."""
+def _packed_parts(layer: nn.Module) -> tuple[QuantLinear, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(base QuantLinear, float64 zero delta or None, float64 scale delta or None)`` of a packed layer
+    (``zero_delta()``: the adapter and a trained ``dzero``; ``scale_delta()``: a trained ``dscale``)."""
     if isinstance(layer, QALoRALinear):
-        return layer.base, layer.zero_delta().cpu()
-    return layer, None
+        ds = layer.scale_delta()
+        return layer.base, layer.zero_delta().cpu(), None if ds is None else ds.cpu()
+    return layer, None, None
+
+
+def _merged_scale16(base: QuantLinear, dscale: Optional[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """Q4_1's float16 ``d``: the scales, or with a trained ``dscale`` the float64 ``scale + dscale`` rounded
+    once to float16 (SPEC "Trainable quantization parameters"); and whether that is what a merge would
+    store (always, for float16 scales: the merge rounds to float16 too)."""
+    if dscale is None:
+        return _scale16(base.scale)
+    target = base.scale.detach().cpu().double() + dscale.double()
+    big = target.abs().max().item() if target.numel() else 0.0
+    if not math.isfinite(big) or big > _FP16_MAX:
+        raise ValueError(f"a merged scale (scale + dscale) of magnitude {big:.6g} does not fit float16")
+    s16 = round_to_storage(target, torch.float16)
+    merged = round_to_storage(target, base.scale.dtype)
+    return s16, bool(torch.equal(s16.double(), merged.double()))
 
 
 def _scale16(scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -379,24 +403,33 @@ def _float_data(t: torch.Tensor, dt, perm: Optional[torch.Tensor], stats: _Stats
     return out
 
 
-def _packed_block_bytes(base: QuantLinear, delta: Optional[torch.Tensor], perm: Optional[torch.Tensor], src: str,
-                        stats: _Stats) -> np.ndarray:
+def _packed_block_bytes(base: QuantLinear, delta: Optional[torch.Tensor], dscale: Optional[torch.Tensor],
+                        perm: Optional[torch.Tensor], src: str, stats: _Stats) -> np.ndarray:
     """Q4_1 bytes of one packed layer (rows permuted by ``perm``), measuring what changed on the way."""
     N, K, G = base.out_features, base.in_features, base.group_size
     codes = base.codes().cpu()
     scale = base.scale.detach().cpu()
     zero = base.zero.detach().cpu()
-    scale16, _ = _scale16(scale)
+    scale16, _ = _merged_scale16(base, dscale)
     zero16, lost_sq, delta_sq = zero_rounding_loss(zero, delta)
+    q64 = codes.double().reshape(N, K // G, G)
+    exact_scale = scale.double() + (dscale if dscale is not None else 0.0)
+    if dscale is not None:
+        # A trained scale moves every weight by dscale * q: the lost fraction is measured in weight
+        # space (SPEC), divided by G to stay in the zeros' units that the other layers add up in.
+        s_err = (scale16.double() - exact_scale).unsqueeze(-1) * q64
+        z_err = (zero16.double() - zero.double() - delta).unsqueeze(-1)
+        change = dscale.unsqueeze(-1) * q64 + delta.unsqueeze(-1)
+        lost_sq = float((s_err + z_err).square().sum()) / G
+        delta_sq = float(change.square().sum()) / G
     if delta is not None:
         stats.lost_sq += lost_sq
         stats.delta_sq += delta_sq
         stats.layer_lost[src] = math.sqrt(lost_sq / delta_sq) if delta_sq > 0 else 0.0
 
     # What llama.cpp will compute (float32 from float16 d, m) against the exact float64 weight.
-    q64 = codes.double().reshape(N, K // G, G)
     exact_zero = zero.double() + (delta if delta is not None else 0.0)
-    w_exact = q64 * scale.double().unsqueeze(-1) + exact_zero.unsqueeze(-1)
+    w_exact = q64 * exact_scale.unsqueeze(-1) + exact_zero.unsqueeze(-1)
     w_file = (codes.float().reshape(N, K // G, G) * scale16.float().unsqueeze(-1)
               + zero16.float().unsqueeze(-1)).double()
     err = w_file - w_exact
@@ -440,10 +473,10 @@ class _Plan:
         """A packed layer as Q4_1 (a float ``nn.Linear`` as a float tensor), its bias as F32."""
         perm = rope_permutation(module.out_features, perm_heads) if perm_heads else None
         if isinstance(module, (QuantLinear, QALoRALinear)):
-            base, delta = _packed_parts(module)
-            self._check_packed(base, delta, src)
+            base, delta, dscale = _packed_parts(module)
+            self._check_packed(base, delta, dscale, src)
             N, K = base.out_features, base.in_features
-            produce = functools.partial(_packed_block_bytes, base, delta, perm, src, self.stats)
+            produce = functools.partial(_packed_block_bytes, base, delta, dscale, perm, src, self.stats)
             self.tensors.append(_Tensor(gname, (N, K), _gguf().GGMLQuantizationType.Q4_1,
                                         N * (K // Q4_1_GROUP_SIZE) * Q4_1_BLOCK_BYTES, produce, src))
             bias = base.bias
@@ -456,7 +489,8 @@ class _Plan:
         if bias is not None:
             self.add_float(gname.replace(".weight", ".bias"), bias, src + ".bias", always_f32=True, perm=perm)
 
-    def _check_packed(self, base: QuantLinear, delta: Optional[torch.Tensor], src: str) -> None:
+    def _check_packed(self, base: QuantLinear, delta: Optional[torch.Tensor], dscale: Optional[torch.Tensor],
+                      src: str) -> None:
         """Refuse what Q4_1 cannot hold as asked (every refusal before a byte is written)."""
         if base.group_size % Q4_1_GROUP_SIZE:
             raise ValueError(f"layer {src}: group_size {base.group_size} is not a multiple of 32")
@@ -470,12 +504,16 @@ class _Plan:
                 f"{Q4_1_BITS_PER_WEIGHT:.1f} bits/weight instead of this model's {src_bpw:.3f}: a file "
                 f"{Q4_1_BITS_PER_WEIGHT / src_bpw:.1f}x larger than the model. Pass allow_larger=True "
                 f"(CLI: --allow-larger) to write it so; nothing is lost either way but the size")
-        scale16, exact = _scale16(base.scale)
+        scale16, exact = _merged_scale16(base, dscale)
         if not exact and not self.lossy:
-            diff = (scale16.double() - base.scale.detach().cpu().double()).abs()
-            rel = (diff / base.scale.detach().cpu().double().abs().clamp_min(1e-300)).max().item()
+            stored = base.scale.detach().cpu().double()
+            if dscale is not None:  # what a merge would store
+                stored = round_to_storage(stored + dscale.double(), base.scale.dtype).double()
+            diff = (scale16.double() - stored).abs()
+            rel = (diff / stored.abs().clamp_min(1e-300)).max().item()
+            what = "merged scales (scale + dscale)" if dscale is not None else "scales"
             raise ValueError(
-                f"layer {src}: {int((diff > 0).sum())} of {diff.numel()} scales ({base.scale.dtype}) are not "
+                f"layer {src}: {int((diff > 0).sum())} of {diff.numel()} {what} ({base.scale.dtype}) are not "
                 f"float16 numbers; Q4_1 stores float16 scales, so writing them would change those weights "
                 f"(scales by up to {rel:.3g} relative). Pass lossy=True (CLI: --lossy) to round them; the "
                 f"weight error is then reported")

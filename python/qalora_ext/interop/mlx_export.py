@@ -11,10 +11,12 @@ copies the codes bit for bit (dropping the padding words), and
 
 * ``<layer>.weight``  uint32 (N, K*b/32): our codes, unchanged;
 * ``<layer>.scales``  (N, K/G) in ``scale_dtype``: our scales (exact when
-  representable, which they are when ours are already of that dtype);
+  representable, which they are when ours are already of that dtype), with
+  a trained ``dscale`` folded in (``scale + dscale``, float64) and rounded
+  ONCE to ``scale_dtype``;
 * ``<layer>.biases``  (N, K/G) in ``scale_dtype``: our zeros, with any
-  adapter folded in (``zero + s * (B @ A) / G``, float64) and rounded ONCE
-  to ``scale_dtype``;
+  adapter and trained ``dzero`` folded in (``zero + dzero + s * (B @ A) / G``,
+  float64) and rounded ONCE to ``scale_dtype``;
 * ``<layer>.bias``    the linear bias, if the layer has one.
 
 Worked example (b = 3, K = 64, G = 32, one row): our packed row has
@@ -291,7 +293,11 @@ def _export_layer(name: str, m: nn.Module, sdt: torch.dtype, fdt: torch.dtype) -
     zero = base.zero.detach().to("cpu", torch.float64)
     scale = base.scale.detach().to("cpu", torch.float64)
     delta = m.zero_delta().cpu() if isinstance(m, QALoRALinear) else None
+    dscale = m.scale_delta() if isinstance(m, QALoRALinear) else None
     exact_zero = zero if delta is None else zero + delta
+    if dscale is not None:
+        dscale = dscale.cpu()
+        scale = scale + dscale  # the merged scale (SPEC), rounded once below like the biases
     scales = _round(scale, sdt, f"{name}.scales")
     biases = _round(exact_zero, sdt, f"{name}.biases")
     tensors = {f"{name}.weight": mlx_packed(base), f"{name}.scales": scales, f"{name}.biases": biases}
@@ -310,9 +316,15 @@ def _export_layer(name: str, m: nn.Module, sdt: torch.dtype, fdt: torch.dtype) -
         "inexact_scales": int((scales.double() != scale).sum().item()),
         "adapter": delta is not None,
     }
-    if delta is not None:
+    if delta is not None and dscale is None:
         stats["lost_sq"] = (biases.double() - zero - delta).square().sum().item()
         stats["delta_sq"] = delta.square().sum().item()
+    elif delta is not None:
+        # Weight space (SPEC): a scale error counts times q. Divided by G to stay in the zeros'
+        # units that the other layers add up in.
+        trained = dscale.repeat_interleave(G, dim=1) * codes + delta.repeat_interleave(G, dim=1)
+        stats["lost_sq"] = change.square().sum().item() / G
+        stats["delta_sq"] = trained.square().sum().item() / G
     return tensors, stats
 
 

@@ -198,6 +198,11 @@ def _plan_layer(model: nn.Module, peft_name: str, pair: dict[str, torch.Tensor],
         raise ValueError(f"{name}: the adapter targets this layer but the model has no such module "
                          f"(a different base model?)")
     if isinstance(layer, QALoRALinear):
+        if layer.train_scale or layer.train_zero:
+            # Importing replaces the layer's adapter; its trained scales / zeros would go with it.
+            raise ValueError(f"{name}: the layer holds trained scales/zeros (dscale/dzero) that importing a PEFT "
+                             f"adapter would drop; merge them first (merge_adapters / qalora merge) and import "
+                             f"onto the merged model, or save them (save_adapter)")
         base = layer.base
     elif isinstance(layer, QuantLinear):
         base = layer

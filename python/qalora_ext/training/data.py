@@ -133,6 +133,34 @@ def default_corpus_split() -> tuple[str, str]:
     return split_topics(_pydoc_topics(), HELDOUT_FRACTION)
 
 
+VALIDATION_FRACTION = 0.1
+
+
+def default_validation_split(fraction: float = VALIDATION_FRACTION) -> tuple[str, str]:
+    """``(train_text, validation_text)``: the default corpus's TRAINING part split again along whole topics.
+
+    For choices made while tuning (learning rates, methods): the validation
+    text is the last ``fraction`` of the training part's topics (same rule as
+    :func:`split_topics`), so a choice never looks at the held-out part, and
+    training on ``train_text`` never sees the validation text.
+    ``train_text + validation_text`` is :func:`default_corpus_split`'s training part.
+    """
+    topics = _pydoc_topics()
+    train_part, _ = default_corpus_split()
+    kept, pos = {}, 0
+    for k in sorted(topics):
+        if pos >= len(train_part):
+            break
+        kept[k] = topics[k]
+        pos += len(topics[k]) + len(_TOPIC_SEPARATOR)
+    train_text, validation_text = split_topics(kept, fraction)
+    # split_topics joins without a trailing separator; the training part ends with one.
+    validation_text += train_part[len(train_text) + len(validation_text):]
+    if train_text + validation_text != train_part:
+        raise RuntimeError("default_validation_split: the parts do not add up to the training part")
+    return train_text, validation_text
+
+
 def corpus_sha256(text: str) -> str:
     """Hex SHA-256 of ``text`` encoded as UTF-8: identifies the exact text a run used."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -349,6 +349,7 @@ def finetune(
     loss_plot: bool = True,
     autocast: Optional[torch.dtype] = None,
     fsdp: bool = False,
+    quant_lr: Optional[float] = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad up to optimizer step ``steps``.
 
@@ -417,6 +418,10 @@ def finetune(
     Dropout masks come from torch's global RNG, which this function does not
     seed (it restores it on resume).
 
+    ``quant_lr``: the learning rate of the trainable scales and zeros
+    (``dscale``/``dzero``, whose useful values are 1e-3 to 1e-2 of a weight),
+    in their own AdamW group without weight decay; default: ``lr``.
+
     ``autocast``: ``torch.bfloat16`` runs each forward under
     ``torch.autocast(device, bfloat16)``: the packed layers then take bfloat16
     activations (on CUDA: the tensor-core and cuBLAS paths), the adapters keep
@@ -426,6 +431,8 @@ def finetune(
     """
     _check_arguments(dataset, steps, batch_size, grad_accum, lr, weight_decay, warmup_steps, max_grad_norm,
                      save_every, seed, autocast, output_dir, resume, model)
+    if quant_lr is not None and not (isinstance(quant_lr, (int, float)) and math.isfinite(quant_lr) and quant_lr > 0):
+        raise ValueError(f"quant_lr must be a finite number > 0 or None; got {quant_lr!r}")
     device = model_device(model)
     ctx = _setup_distributed(device)
     rank0 = ctx.rank == 0
@@ -436,6 +443,11 @@ def finetune(
         "seed": seed,
         "lr": float(lr),
         "weight_decay": float(weight_decay),
+        "quant_lr": float(quant_lr) if quant_lr is not None else None,
+        # None without them, so checkpoints written before they existed still resume; a resume that
+        # would train them where the checkpoint did not (or not where it did) is refused.
+        "quant_parameters": sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters()
+                                    if p.requires_grad and n.rsplit(".", 1)[-1] in QUANT_PARAMETER_NAMES}) or None,
         "warmup_steps": warmup_steps,
         "max_grad_norm": None if not max_grad_norm else float(max_grad_norm),
         "num_examples": len(dataset),
@@ -465,7 +477,7 @@ def finetune(
         if old_use_cache is not None:
             config.use_cache = False
         run = _Run(model, dataset, ctx, device, batch_size, grad_accum, lr, weight_decay, warmup_steps,
-                   max_grad_norm, seed, autocast, saved, sharded)
+                   max_grad_norm, seed, autocast, saved, sharded, quant_lr)
         if saved is not None:
             result.losses = list(saved["losses"])
             _restore_rng(saved["rng"], ctx, device, result.resumed_from)
@@ -566,16 +578,35 @@ def _restore_rng(rng: list, ctx: _Dist, device: torch.device, ckpt: Path) -> Non
                       f"{ctx.world_size}; dropout masks will differ from the uninterrupted run", stacklevel=4)
 
 
+QUANT_PARAMETER_NAMES = ("dscale", "dzero")
+"""Trainable quantization parameters (SPEC): their own optimizer group, no weight decay."""
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, quant_lr: Optional[float] = None) -> list[dict]:
+    """AdamW groups of ``model``'s trainable parameters: the adapters (``lr``, ``weight_decay``), then,
+    when any is trained, ``dscale``/``dzero`` (``quant_lr`` or ``lr``, no weight decay: decay would pull
+    the learned scales and zeros back to the quantizer's)."""
+    adapter, quant = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (quant if name.rsplit(".", 1)[-1] in QUANT_PARAMETER_NAMES else adapter).append(p)
+    groups = [{"params": adapter, "lr": lr, "weight_decay": weight_decay}]
+    if quant:
+        groups.append({"params": quant, "lr": quant_lr if quant_lr is not None else lr, "weight_decay": 0.0})
+    return groups
+
+
 class _Run:
     """The state of one training run: optimizer, schedule, data order, the (DDP-wrapped) model."""
 
     def __init__(self, model, dataset, ctx, device, batch_size, grad_accum, lr, weight_decay, warmup_steps,
-                 max_grad_norm, seed, autocast, saved, sharded=False) -> None:
+                 max_grad_norm, seed, autocast, saved, sharded=False, quant_lr=None) -> None:
         self.model, self.dataset, self.ctx, self.device = model, dataset, ctx, device
         self.sharded = sharded
         self.batch_size, self.grad_accum, self.max_grad_norm = batch_size, grad_accum, max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, lr, weight_decay, quant_lr), lr=lr,
+                                           weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
         self.start = 0

@@ -90,9 +90,10 @@ class _ShardedQuantLinearMixin:
                     f"MixedPrecisionPolicy(param_dtype=...) casts packed layers' stored tensors; leave param_dtype "
                     f"None and use torch.autocast")
 
-    def forward(self, x, adapter=None):
+    def forward(self, x, adapter=None, **computed):
+        # computed: scale= / zero= that QALoRALinear passes when it trains dscale / dzero.
         self._check_stored_dtypes()
-        return super().forward(x, adapter)
+        return super().forward(x, adapter, **computed)
 
 
 _STORED_DTYPES = (torch.int32, torch.float16, torch.bfloat16, torch.float32)
@@ -308,8 +309,8 @@ def full_adapters(model: nn.Module, writeback: bool = False) -> Iterator[nn.Modu
     for m in model.modules():
         if not isinstance(m, QALoRALinear):
             continue
-        for name in ("lora_A", "lora_B"):
-            p = m._parameters[name]
+        for name in ("lora_A", "lora_B", "dscale", "dzero"):
+            p = m._parameters.get(name)  # None: rank 0 (no lora_A / lora_B), or not trained
             if isinstance(p, DTensor):
                 full = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
                 m._parameters[name] = full
@@ -391,7 +392,8 @@ def init_adapters_sharded(model: nn.Module, seed: int) -> None:
 def load_quantized_sharded(directory: Union[str, os.PathLike], mesh=None, *, device: Union[str, torch.device] = "cpu",
                            rank: Optional[int] = None,
                            alpha: float = 16, dropout: float = 0.0, seed: int = 0, verify: bool = True,
-                           reshard_after_forward: bool = True) -> nn.Module:
+                           reshard_after_forward: bool = True, train_scale: bool = False,
+                           train_zero: bool = False) -> nn.Module:
     """Load a quantized checkpoint straight into an FSDP2-sharded model: no rank holds the full model.
 
     The architecture is built on the meta device from ``config.json``, the
@@ -402,7 +404,9 @@ def load_quantized_sharded(directory: Union[str, os.PathLike], mesh=None, *, dev
     checkpoint are loaded; without them, adapters of ``rank`` / ``alpha`` /
     ``dropout`` are added and initialised from ``seed``
     (:func:`init_adapters_sharded`). ``rank=None`` with no saved adapters
-    means rank 16. ``device``: where each rank's shards live (``cuda:N``
+    means rank 16; ``train_scale`` / ``train_zero`` add trainable ``dscale`` /
+    ``dzero`` to those new adapters (sharded by rows like the adapters, and
+    gathered by :func:`full_adapters`). ``device``: where each rank's shards live (``cuda:N``
     under NCCL). Needs an initialised process group. Returns the sharded
     model in train mode.
     """
@@ -425,8 +429,15 @@ def load_quantized_sharded(directory: Union[str, os.PathLike], mesh=None, *, dev
     has_saved_adapters = any(isinstance(m, QALoRALinear) for m in model.modules())
     wrapped: set[str] = set()
     if not has_saved_adapters:
-        add_adapters(model, rank=16 if rank is None else rank, alpha=alpha, dropout=dropout)
+        add_adapters(model, rank=16 if rank is None else rank, alpha=alpha, dropout=dropout,
+                     train_scale=bool(train_scale), train_zero=bool(train_zero))
         wrapped = {n for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
+    else:
+        layers = [m for m in model.modules() if isinstance(m, QALoRALinear)]
+        for flag, on in (("train_scale", train_scale), ("train_zero", train_zero)):
+            if on and not all(getattr(m, flag) for m in layers):
+                raise ValueError(f"load_quantized_sharded: {flag}=True, but {directory} holds adapters trained "
+                                 f"without it; it applies to new adapters (a checkpoint without adapters)")
     kept_keys = {n for n, b in model.named_buffers() if not b.is_meta}
     _check_ties(model, tied, directory)
     device = torch.device(device)
@@ -452,7 +463,7 @@ def load_quantized_sharded(directory: Union[str, os.PathLike], mesh=None, *, dev
                 stored = _stored_key(key, wrapped)
                 src = stored if stored in where else tied.get(stored)
                 if src is None or src not in where:
-                    if key.endswith(("lora_A", "lora_B")) and not has_saved_adapters:
+                    if key.endswith(("lora_A", "lora_B", "dscale", "dzero")) and not has_saved_adapters:
                         continue
                     raise RuntimeError(f"{directory}: no tensor {key!r} in the checkpoint's files")
                 fname = where[src]
