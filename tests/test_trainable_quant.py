@@ -219,3 +219,29 @@ def test_model_helpers_train_and_merge_quant_parameters():
         after = model(x)
     # float16 scales: the merge rounds dscale into them.
     assert ((after - before).norm() / before.norm()).item() < 1e-2
+
+
+def test_bfloat16_activations_train_scales_and_zeros():
+    """bf16 x (the CPU's bf16 paths): output and every gradient within bf16 rounding of float64."""
+    layer = _layer(3, 32, n=64, k=256)
+    for m in (4, 80):  # the packed kernel and the bf16 GEMM path
+        layer.zero_grad(set_to_none=True)
+        x = torch.randn(m, layer.in_features).bfloat16().requires_grad_()
+        gy = torch.randn(m, layer.out_features)
+        y = layer(x)
+        assert y.dtype == torch.bfloat16
+        y.backward(gy.bfloat16())
+        x64 = x.detach().double().requires_grad_()
+        params64 = {n: p.detach().double().requires_grad_() for n, p in layer.trainable_parameters().items()}
+        w = ref.dequantize(layer.base.codes(), layer.base.scale.double() + params64["dscale"],
+                           layer.base.zero.double() + params64["dzero"], 32)
+        y64 = ref.qlinear(x64, w, layer.base.bias, params64["lora_A"], params64["lora_B"], None, layer.scaling, 32)
+        y64.backward(gy.bfloat16().double())
+
+        def rel(a, b):
+            return ((a.double() - b).norm() / b.norm()).item()
+
+        assert rel(y.detach(), y64.detach()) < 2e-2
+        assert rel(x.grad, x64.grad) < 2e-2
+        for name, p in layer.trainable_parameters().items():
+            assert p.grad.dtype == torch.float32 and rel(p.grad, params64[name].grad) < 2e-2, name

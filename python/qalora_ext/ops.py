@@ -501,9 +501,8 @@ def _qlinear_setup_context(ctx, inputs, output):
     # Only the pooled input (K/G of x's size) is kept for the adapter grads.
     pooled = None
     if need_adapter_grads:
-        xd = x.detach()
-        xd = xd if xd.dtype == torch.float32 else xd.float()
-        pooled = xd.unflatten(-1, (scale.shape[1], group_size)).mean(-1)
+        # Accumulated in float32 without a float32 copy of a 16-bit x.
+        pooled = x.detach().unflatten(-1, (scale.shape[1], group_size)).mean(-1, dtype=torch.float32)
         if pool_mask is not None:
             pooled = pooled * pool_mask
     # The quantization parameters' gradients (SPEC "Trainable quantization
@@ -540,10 +539,10 @@ def _qlinear_backward(ctx, grad_out):
         p = pooled.reshape(-1, pooled.shape[-1])
         gyB = gy @ lora_B.float()  # (M, r)
         if ctx.needs_input_grad[5]:
-            grad_A = (scaling * gyB.t() @ p).to(lora_A.dtype)
+            grad_A = (gyB.t() @ p).mul_(scaling).to(lora_A.dtype)
         if ctx.needs_input_grad[6]:
             u = p @ lora_A.float().t()  # (M, r)
-            grad_B = (scaling * gy.t() @ u).to(lora_B.dtype)
+            grad_B = (gy.t() @ u).mul_(scaling).to(lora_B.dtype)  # s on the (N, r) result, not on gy
     return grad_x, None, grad_scale, grad_zero, grad_bias, grad_A, grad_B, None, None, None, None, None
 
 
