@@ -98,7 +98,8 @@ def test_binary_jsonl_file_is_named(quantized_dir, tmp_path, capsys):
 @pytest.mark.parametrize("command", ["finetune", "demo"])
 def test_rank_0_needs_something_to_train(command, tiny_dir, quantized_dir, tmp_path, capsys):
     argv = {"finetune": ["finetune", "--model", str(quantized_dir), "--out", str(tmp_path / "ft"), "--steps", "1"],
-            "demo": ["demo", "--model", str(tiny_dir), "--out", str(tmp_path / "demo"), "--steps", "1"]}[command]
+            "demo": ["demo", "--model", str(tiny_dir), "--out", str(tmp_path / "demo"), "--steps", "1",
+                     "--no-train-scales", "--no-train-zeros"]}[command]  # the demo trains both by default
     assert cli.main(argv + ["--rank", "0"]) == 2
     err = capsys.readouterr().err
     assert "--rank 0 trains no adapter, so it needs --train-scales or --train-zeros" in err

@@ -134,29 +134,35 @@ def quant_options(args: argparse.Namespace) -> dict:
                 calib_seq_len=args.calib_seq_len)
 
 
+QUANT_LR = 6e-5
+"""The learning rate of dscale/dzero chosen on validation in bench/results/paper_table.md (INT3 G32, 20 steps)."""
+
+
 def add_trainable_quant_args(t, lr_flag: str = "--lr") -> None:
     """``--train-scales``, ``--train-zeros``, ``--quant-lr`` (SPEC "Trainable quantization parameters").
 
     The two flags default to None (not given), so a resumed run can take the
     checkpoint's values and refuse a contradiction."""
-    t.add_argument("--train-scales", action="store_true", default=None,
+    t.add_argument("--train-scales", action=argparse.BooleanOptionalAction, default=None,
                    help="also train each quantized layer's per-group scales (a float32 shift per group, folded "
                         "into the stored scales at merge; the integer codes do not change)")
-    t.add_argument("--train-zeros", action="store_true", default=None,
+    t.add_argument("--train-zeros", action=argparse.BooleanOptionalAction, default=None,
                    help="also train each quantized layer's per-group zeros (a float32 shift per group, folded "
                         "into the stored zeros at merge with the adapter)")
-    t.add_argument("--quant-lr", type=positive_float, default=None, metavar="LR",
+    t.add_argument("--quant-lr", type=positive_float, default=QUANT_LR, metavar="LR",
                    help=f"learning rate of the trained scales and zeros (their own AdamW group, no weight decay; "
-                        f"default: {lr_flag})")
+                        f"default {QUANT_LR:g}, chosen on validation text in bench/reproduce_paper.py; "
+                        f"{lr_flag} does not apply to them)")
 
 
 INIT_CHOICES = ("zero", "residual")
 
 
-def add_init_arg(t, note: str = "") -> None:
+def add_init_arg(t, note: str = "", default: str = "zero") -> None:
     """``--init {zero,residual}``: where the trained quantities start (read by :func:`residual_start`)."""
-    t.add_argument("--init", choices=INIT_CHOICES, default="zero",
-                   help="start of the trained quantities. zero (default, SPEC): adapter B = 0 and dscale = dzero = 0, "
+    t.add_argument("--init", choices=INIT_CHOICES, default=default,
+                   help=f"start of the trained quantities (default {default}). zero (SPEC): adapter B = 0 and "
+                        "dscale = dzero = 0, "
                         "so training begins at the quantized model. residual: right after quantizing, fit the "
                         "adapter (or, with --train-zeros, the zeros; with --train-scales also the scales) to each "
                         "layer's quantization error W - W~ (float minus quantized weight), least squares weighted "
