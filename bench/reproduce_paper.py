@@ -142,7 +142,7 @@ def main() -> int:
     ap.add_argument("--lrs", default="", help="override grids: 'qalora=1e-3,3e-3;scales_zeros=1e-3/2e-5,...'")
     ap.add_argument("--fit-start", default="scales_zeros",
                     help="methods also run from the residual-fit start at their chosen lr (comma list, or '')")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
@@ -151,7 +151,7 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--val-windows", type=int, default=8)
+    ap.add_argument("--val-windows", type=int, default=6)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, one lr each, 8 calibration samples, "
                                                          "2 windows")
